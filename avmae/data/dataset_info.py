@@ -1,0 +1,58 @@
+"""`dataset_info.json`: what a dataset directory holds, checked before anything is read."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from avmae.data import errors
+from avmae.data.schema import SCHEMA_VERSION
+
+FILENAME = "dataset_info.json"
+REQUIRED_KEYS = ("schema_version", "features", "splits", "label_names", "log_mel_stats")
+REQUIRED_FEATURES = ("sample_rate", "mel_bins", "log_mel", "frames_per_clip", "frame_size",
+                     "video_encoding")
+
+
+def shard_name(split: str, index: int, count: int) -> str:
+  return f"{split}.tfrecord-{index:05d}-of-{count:05d}"
+
+
+def save(data_dir: str, info: dict[str, Any]) -> None:
+  tmp = os.path.join(data_dir, FILENAME + ".tmp")
+  with open(tmp, "w") as f:
+    json.dump(info, f, indent=2)
+  os.replace(tmp, os.path.join(data_dir, FILENAME))
+
+
+def load(data_dir: str) -> dict[str, Any]:
+  """Reads and validates dataset_info.json of `data_dir`."""
+  path = os.path.join(data_dir, FILENAME)
+  if not os.path.exists(path):
+    raise errors.SchemaError(
+        f"{path} does not exist: {data_dir!r} is not an avmae dataset directory. Make one with "
+        "`python -m data_prep.make_synthetic --out_dir DIR` or data_prep from videos.")
+  try:
+    with open(path) as f:
+      info = json.load(f)
+  except json.JSONDecodeError as e:
+    raise errors.SchemaError(f"{path} is not valid JSON ({e})") from e
+  missing = [k for k in REQUIRED_KEYS if k not in info]
+  if missing:
+    raise errors.SchemaError(f"{path} lacks the keys {missing}")
+  if info["schema_version"] != SCHEMA_VERSION:
+    raise errors.SchemaError(
+        f"{path} has schema version {info['schema_version']}, this code reads version "
+        f"{SCHEMA_VERSION}: regenerate the dataset with this version's data_prep.")
+  missing = [k for k in REQUIRED_FEATURES if k not in info["features"]]
+  if missing:
+    raise errors.SchemaError(f"{path}: 'features' lacks the keys {missing}")
+  return info
+
+
+def shard_paths(data_dir: str, info: dict[str, Any], split: str) -> list[str]:
+  if split not in info["splits"]:
+    raise errors.SchemaError(f"{os.path.join(data_dir, FILENAME)} has no split {split!r}; it "
+                             f"has {sorted(info['splits'])}")
+  return [os.path.join(data_dir, name) for name in info["splits"][split]["shards"]]

@@ -1,0 +1,39 @@
+"""avmae: audio-visual masked autoencoders in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+# Pinned to the versions the whole stack was tested with together (see README).
+INSTALL_REQUIRES = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "grain==0.2.18",
+    "ml-collections==1.1.0",
+    "protobuf==7.36.2",
+    "google-crc32c==1.9.0",
+    "simplejpeg==1.9.0",
+    "numpy==2.4.6",
+    "librosa==0.11.0",
+    "av==18.1.0",
+    "tensorflow-datasets==4.9.10",
+    "matplotlib==3.11.2",
+    "tensorboardX==2.6.5",
+]
+
+EXTRAS_REQUIRE = {
+    "torch": ["torch==2.13.0"],
+    # TensorFlow only checks, in tests, that our TFRecords read back with tf.data.
+    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "tensorflow-cpu==2.21.0"],
+}
+
+setup(
+    name="avmae",
+    version="0.1.0",
+    description="Audio-visual masked autoencoders (CAV-MAE, MAViL, Audio-MAE) in JAX/Flax",
+    python_requires=">=3.11",
+    packages=find_packages(include=["avmae", "avmae.*", "data_prep", "data_prep.*", "configs"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+)
