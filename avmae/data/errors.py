@@ -8,6 +8,10 @@ class DataError(ValueError):
 class CorruptRecordError(DataError):
   """A record's CRC does not match, or its bytes do not parse. `skip_corrupt` skips these."""
 
+  def __str__(self) -> str:
+    return (f"{super().__str__()}. Regenerate the shard, or set data.skip_corrupt=True to skip "
+            "corrupt records and count them.")
+
 
 class TruncatedShardError(DataError):
   """A shard ends in the middle of a record."""

@@ -1,0 +1,97 @@
+"""Per-example augmentations and input shaping: pure NumPy functions of (array, rng, params).
+
+They run in grain worker processes, on one example at a time, before batching. Each takes the
+`np.random.Generator` grain seeds from (seed, element index), so results do not depend on the
+number of workers or processes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# CAV-MAE normalises frames with the ImageNet statistics.
+IMAGE_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGE_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+def crop_or_pad(log_mel: np.ndarray, num_frames: int) -> np.ndarray:
+  """First `num_frames` frames, zero-padded at the end (as the official loaders do)."""
+  t = log_mel.shape[0]
+  if t >= num_frames:
+    return log_mel[:num_frames]
+  return np.pad(log_mel, ((0, num_frames - t), (0, 0)))
+
+
+def normalize_log_mel(log_mel: np.ndarray, mean: float, std: float) -> np.ndarray:
+  return ((log_mel.astype(np.float32) - mean) / std).astype(np.float32)
+
+
+def time_roll(log_mel: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+  """Circular shift along time by a uniform amount (CAV-MAE's audio roll)."""
+  return np.roll(log_mel, int(rng.integers(-log_mel.shape[0], log_mel.shape[0])), axis=0)
+
+
+def add_noise(log_mel: np.ndarray, rng: np.random.Generator, max_std: float) -> np.ndarray:
+  """Adds Gaussian noise whose std is drawn uniformly from [0, max_std]."""
+  std = rng.uniform(0.0, max_std)
+  return (log_mel + std * rng.standard_normal(log_mel.shape)).astype(np.float32)
+
+
+def spec_augment(log_mel: np.ndarray, rng: np.random.Generator, max_freq: int,
+                 max_time: int) -> np.ndarray:
+  """Zeroes one band of up to `max_freq` mel bins and one span of up to `max_time` frames
+  (torchaudio's FrequencyMasking/TimeMasking, applied after normalisation so 0 is the mean)."""
+  out = log_mel.copy()
+  for axis, max_width in ((1, max_freq), (0, max_time)):
+    if max_width > 0:
+      width = int(rng.integers(0, max_width + 1))
+      start = int(rng.integers(0, out.shape[axis] - width + 1))
+      index = [slice(None)] * 2
+      index[axis] = slice(start, start + width)
+      out[tuple(index)] = 0.0
+  return out
+
+
+def resize_bilinear(image: np.ndarray, size: tuple[int, int],
+                    box: tuple[float, float, float, float] | None = None) -> np.ndarray:
+  """Bilinear resize of the `box` (top, left, height, width; default all) of an HWC image."""
+  top, left, height, width = box or (0.0, 0.0, *image.shape[:2])
+  if box is None and image.shape[:2] == tuple(size):
+    return image.astype(np.float32)
+  out_h, out_w = size
+  # Sample at pixel centres, as align_corners=False does.
+  ys = top + (np.arange(out_h) + 0.5) * height / out_h - 0.5
+  xs = left + (np.arange(out_w) + 0.5) * width / out_w - 0.5
+  ys = np.clip(ys, 0, image.shape[0] - 1)
+  xs = np.clip(xs, 0, image.shape[1] - 1)
+  y0, x0 = np.floor(ys).astype(int), np.floor(xs).astype(int)
+  y1, x1 = np.minimum(y0 + 1, image.shape[0] - 1), np.minimum(x0 + 1, image.shape[1] - 1)
+  wy, wx = (ys - y0)[:, None, None], (xs - x0)[None, :, None]
+  img = image.astype(np.float32)
+  top_row = img[y0][:, x0] * (1 - wx) + img[y0][:, x1] * wx
+  bottom_row = img[y1][:, x0] * (1 - wx) + img[y1][:, x1] * wx
+  return top_row * (1 - wy) + bottom_row * wy
+
+
+def random_resized_crop(image: np.ndarray, rng: np.random.Generator, size: tuple[int, int],
+                        scale: tuple[float, float] = (0.08, 1.0),
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> np.ndarray:
+  """Inception-style crop (area fraction in `scale`, aspect in `ratio`), resized to `size`."""
+  h, w = image.shape[:2]
+  for _ in range(10):
+    area = h * w * rng.uniform(*scale)
+    aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1])))
+    crop_w, crop_h = np.sqrt(area * aspect), np.sqrt(area / aspect)
+    if crop_w <= w and crop_h <= h:
+      top, left = rng.uniform(0, h - crop_h), rng.uniform(0, w - crop_w)
+      return resize_bilinear(image, size, (top, left, crop_h, crop_w))
+  return resize_bilinear(image, size)  # no valid crop found: the whole image, as torchvision
+
+
+def random_flip(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+  return image[:, ::-1] if rng.random() < 0.5 else image
+
+
+def normalize_image(image: np.ndarray) -> np.ndarray:
+  """uint8-range RGB -> float32 normalised with the ImageNet statistics."""
+  return ((np.asarray(image, np.float32) / 255.0 - IMAGE_MEAN) / IMAGE_STD).astype(np.float32)

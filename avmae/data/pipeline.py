@@ -1,0 +1,269 @@
+"""The input pipeline: indexed TFRecords -> grain -> global, sharded `jax.Array` batches.
+
+    indexed records (random access) -> permutation per epoch by seed -> this process's part
+    of each global batch -> prepare (parse, pick frame, crop/pad, normalise, augment) and
+    stack, one batch per grain worker task
+    -> jax.make_array_from_process_local_data over the mesh's batch axes
+
+Every process reads a disjoint, contiguous part of each global batch, and the global batches
+walk through one permutation of the records per epoch, so an epoch covers every record
+exactly once. No TensorFlow or torch here.
+
+Batches are dicts:
+  audio          float32 [B, audio_frames, mel_bins]   normalised log-mel
+  frames         float32 [B, H, W, 3] (or [B, N, H, W, 3] with all_frames) normalised RGB
+  labels         float32 [B, num_classes]              multi-hot
+  record_index   int32   [B]                           global record number in the split
+  valid          bool    [B]                           False for padding / skipped records
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import sys
+from typing import Any, Iterator
+
+import grain
+from absl import flags
+import jax
+import ml_collections
+import numpy as np
+
+from avmae import sharding
+from avmae.data import augment, dataset_info, errors, schema
+from avmae.data.source import RawRecord, TFRecordSource
+
+
+@dataclasses.dataclass(frozen=True)
+class ExampleSpec:
+  """Everything `prepare_example` needs, as plain values (it is pickled to grain workers)."""
+  audio_frames: int
+  mel_bins: int
+  frame_size: tuple[int, int]
+  image_size: tuple[int, int]
+  frames_per_clip: int
+  log_mel_mean: float
+  log_mel_std: float
+  num_classes: int
+  train: bool
+  all_frames: bool
+  time_roll: bool
+  noise: float
+  freq_mask: int
+  time_mask: int
+  random_resized_crop: bool
+  crop_scale: tuple[float, float]
+  flip: bool
+  skip_corrupt: bool
+
+
+def _choose_frames(spec: ExampleSpec, rng: np.random.Generator, where: str):
+  def choose(num_frames: int) -> np.ndarray:
+    needed = spec.frames_per_clip if spec.all_frames else 1
+    if num_frames < needed:
+      raise errors.SchemaError(f"{where}: record has {num_frames} frames, {needed} needed")
+    if spec.all_frames:
+      return np.arange(spec.frames_per_clip)
+    # Official CAV-MAE: a random frame in training, the middle one in evaluation.
+    return np.array([rng.integers(num_frames) if spec.train else num_frames // 2])
+  return choose
+
+
+def _prepare_frame(frame: np.ndarray, spec: ExampleSpec, rng: np.random.Generator):
+  if spec.train and spec.random_resized_crop:
+    frame = augment.random_resized_crop(frame, rng, spec.image_size, spec.crop_scale)
+  else:
+    frame = augment.resize_bilinear(frame, spec.image_size)
+  if spec.train and spec.flip:
+    frame = augment.random_flip(frame, rng)
+  return augment.normalize_image(frame)
+
+
+def empty_example(spec: ExampleSpec, record_index: int, num_skipped: int) -> dict[str, Any]:
+  """An all-zero, invalid example: a skipped record or padding of the last batch."""
+  frames_shape = ((spec.frames_per_clip,) if spec.all_frames else ()) + spec.image_size + (3,)
+  return {
+      "audio": np.zeros((spec.audio_frames, spec.mel_bins), np.float32),
+      "frames": np.zeros(frames_shape, np.float32),
+      "labels": np.zeros((spec.num_classes,), np.float32),
+      "record_index": np.int32(record_index),
+      "valid": np.bool_(False),
+      "num_skipped": np.int32(num_skipped),
+  }
+
+
+def prepare_example(record: RawRecord, rng: np.random.Generator, spec: ExampleSpec
+                    ) -> dict[str, Any]:
+  """One record -> one model-ready example (see the module docstring for the fields)."""
+  index, data, where = record
+  if data is None:  # failed its CRC check and skipped by the source
+    return empty_example(spec, index, num_skipped=1)
+  try:
+    ex = schema.decode_example(data, where, _choose_frames(spec, rng, where))
+  except errors.CorruptRecordError:
+    if not spec.skip_corrupt:
+      raise
+    logging.warning("skipping corrupt record: %s", where, exc_info=True)
+    return empty_example(spec, index, num_skipped=1)
+  if ex["log_mel"].shape[1] != spec.mel_bins or ex["frames"].shape[1:3] != spec.frame_size:
+    raise errors.SchemaError(
+        f"{where}: record has log-mel {ex['log_mel'].shape} and frames "
+        f"{ex['frames'].shape[1:3]}, dataset_info.json says {spec.mel_bins} mel bins and "
+        f"frames of {spec.frame_size}")
+  audio = augment.normalize_log_mel(augment.crop_or_pad(ex["log_mel"], spec.audio_frames),
+                                    spec.log_mel_mean, spec.log_mel_std)
+  if spec.train:
+    if spec.time_roll:
+      audio = augment.time_roll(audio, rng)
+    if spec.noise > 0:
+      audio = augment.add_noise(audio, rng, spec.noise)
+    audio = augment.spec_augment(audio, rng, spec.freq_mask, spec.time_mask)
+  frames = np.stack([_prepare_frame(f, spec, rng) for f in ex["frames"]])
+  labels = np.zeros((spec.num_classes,), np.float32)
+  if np.any((ex["labels"] < 0) | (ex["labels"] >= spec.num_classes)):
+    raise errors.SchemaError(f"{where}: labels {ex['labels'].tolist()} outside "
+                             f"[0, {spec.num_classes}) of dataset_info.json's label_names")
+  labels[ex["labels"]] = 1.0
+  return {
+      "audio": audio,
+      "frames": frames if spec.all_frames else frames[0],
+      "labels": labels,
+      "record_index": np.int32(index),
+      "valid": np.bool_(True),
+      "num_skipped": np.int32(0),
+  }
+
+
+def example_spec(cfg: ml_collections.ConfigDict, info: dict[str, Any], train: bool
+                 ) -> ExampleSpec:
+  feats, aug = info["features"], cfg.augment
+  return ExampleSpec(
+      audio_frames=cfg.audio_frames, mel_bins=feats["mel_bins"],
+      frame_size=tuple(feats["frame_size"]),
+      image_size=(cfg.image_size,) * 2, frames_per_clip=feats["frames_per_clip"],
+      log_mel_mean=info["log_mel_stats"]["mean"], log_mel_std=info["log_mel_stats"]["std"],
+      num_classes=len(info["label_names"]), train=train, all_frames=cfg.all_frames,
+      time_roll=aug.time_roll, noise=aug.noise, freq_mask=aug.freq_mask,
+      time_mask=aug.time_mask, random_resized_crop=aug.random_resized_crop,
+      crop_scale=tuple(aug.crop_scale), flip=aug.flip, skip_corrupt=cfg.skip_corrupt)
+
+
+class BatchSource:
+  """This process's local batch j, as a grain random-access source.
+
+  The records form one stream of positions s = 0, 1, 2, ...: in training, epoch s // N is a
+  permutation of the N records drawn from (seed, epoch); in evaluation, the records in order
+  and then padding. Global batch j is positions [j*G, (j+1)*G) and process p reads the
+  contiguous part [j*G + p*L, j*G + (p+1)*L). Example s is prepared with an RNG seeded by
+  (seed, s), so batches are identical whatever the number of processes or grain workers.
+  """
+
+  def __init__(self, records: TFRecordSource, spec: ExampleSpec, seed: int,
+               global_batch_size: int, process_index: int, process_count: int):
+    self._records, self._spec, self._seed = records, spec, seed
+    self._global_batch_size = global_batch_size
+    self._local_batch_size = global_batch_size // process_count
+    self._offset = process_index * self._local_batch_size
+    self._permutations: dict[int, np.ndarray] = {}
+    # Evaluation: one pass over the records, the last global batch padded.
+    self._len = sys.maxsize if spec.train else math.ceil(len(records) / global_batch_size)
+
+  def __len__(self) -> int:
+    return self._len
+
+  def __getstate__(self):
+    return {**self.__dict__, "_permutations": {}}
+
+  def _record(self, position: int) -> int:
+    epoch, index = divmod(position, len(self._records))
+    if epoch not in self._permutations:
+      self._permutations = {epoch: np.random.default_rng([self._seed, epoch]).permutation(
+          len(self._records))}
+    return int(self._permutations[epoch][index])
+
+  def _example(self, position: int) -> dict[str, Any]:
+    if not self._spec.train:
+      if position >= len(self._records):
+        return empty_example(self._spec, -1, 0)
+      return prepare_example(self._records[position], np.random.default_rng(0), self._spec)
+    rng = np.random.default_rng([self._seed, position])
+    return prepare_example(self._records[self._record(position)], rng, self._spec)
+
+  def __getitem__(self, batch: int) -> dict[str, np.ndarray]:
+    start = batch * self._global_batch_size + self._offset
+    examples = [self._example(s) for s in range(start, start + self._local_batch_size)]
+    return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+
+class Batches:
+  """Iterates global batches; `get_state`/`set_state` resume exactly (same next batches).
+
+  With a mesh, every array is a global `jax.Array` whose batch dimension is split over the
+  mesh's batch axes; without one, batches are this process's numpy arrays. Records skipped
+  as corrupt are invalid rows (`valid` False); `num_skipped` counts them.
+  """
+
+  def __init__(self, cfg: ml_collections.ConfigDict, split: str, *, train: bool, seed: int,
+               global_batch_size: int, mesh: jax.sharding.Mesh | None = None):
+    process_count = jax.process_count()
+    if global_batch_size % process_count:
+      raise ValueError(f"batch size {global_batch_size} is not divisible by the "
+                       f"{process_count} processes")
+    self._sharding = None
+    if mesh is not None:
+      self._sharding = sharding.batch_sharding(mesh, cfg.batch_axes)
+      shards = sharding.num_batch_shards(mesh, cfg.batch_axes)
+      if global_batch_size % shards:
+        raise ValueError(f"batch size {global_batch_size} is not divisible by the {shards} "
+                         f"devices along the mesh's batch axes {tuple(cfg.batch_axes)}")
+    info = dataset_info.load(cfg.dir)
+    records = TFRecordSource(dataset_info.shard_paths(cfg.dir, info, split), cfg.skip_corrupt)
+    self.num_records = len(records)
+    self.source = BatchSource(records, example_spec(cfg, info, train), seed, global_batch_size,
+                              jax.process_index(), process_count)
+    ds = grain.MapDataset.source(self.source).to_iter_dataset()
+    if cfg.num_workers > 0:
+      if not flags.FLAGS.is_parsed():  # grain reads absl flags; programs without absl.app
+        flags.FLAGS.mark_as_parsed()
+      ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
+    self._iter = iter(ds)
+    self.num_skipped = 0
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __iter__(self) -> Iterator[dict[str, Any]]:
+    return self
+
+  def __next__(self) -> dict[str, Any]:
+    batch = next(self._iter)
+    self.num_skipped += int(batch.pop("num_skipped").sum())
+    if self._sharding is None:
+      return batch
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(self._sharding, x), batch)
+
+  def close(self) -> None:
+    """Stops grain's worker processes and frees their shared memory."""
+    close = getattr(self._iter, "close", None)
+    if close is not None:
+      close()
+
+  def __enter__(self) -> "Batches":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+  def get_state(self) -> bytes:
+    """JSON bytes of the whole iterator state: grain's position and the skip count."""
+    return json.dumps({"grain": self._iter.get_state(),
+                       "num_skipped": self.num_skipped}).encode()
+
+  def set_state(self, state: bytes) -> None:
+    state = json.loads(state)
+    self._iter.set_state(state["grain"])
+    self.num_skipped = state["num_skipped"]

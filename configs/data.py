@@ -1,0 +1,26 @@
+"""Input pipeline settings, shared by every training and evaluation config."""
+
+import ml_collections
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  """`arg`: the dataset directory (the one holding dataset_info.json)."""
+  c = ml_collections.ConfigDict()
+  c.dir = arg
+  c.train_split = "train"
+  c.eval_split = "eval"
+  c.batch_size = 32  # global, over all processes
+  c.audio_frames = 128  # log-mel frames after crop/pad (CAV-MAE base: 1024)
+  c.image_size = 32  # frames are resized to image_size x image_size (CAV-MAE base: 224)
+  c.all_frames = False  # True: every frame of the clip, [N, H, W, 3] per example
+  c.num_workers = 0  # grain worker processes; 0 reads in the main process
+  c.skip_corrupt = False  # True: skip records that fail their CRC or do not parse, and count
+  c.batch_axes = ("data", "fsdp")  # mesh axes the batch dimension is split over
+  c.augment = ml_collections.ConfigDict()
+  c.augment.time_roll = True  # CAV-MAE rolls the spectrogram in time during pretraining
+  c.augment.noise = 0.0  # max std of added Gaussian noise (normalised log-mel units)
+  c.augment.freq_mask = 0  # SpecAugment: widest masked mel band (official finetune: 48)
+  c.augment.time_mask = 0  # SpecAugment: widest masked span of frames (official: 192)
+  c.augment.random_resized_crop = False
+  c.augment.crop_scale = (0.08, 1.0)
+  c.augment.flip = False
+  return c

@@ -1,0 +1,49 @@
+"""Tests run on CPU with 8 simulated devices; datasets are made here, nothing downloads."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow is imported by interop tests
+
+import jax
+
+jax.config.update("jax_num_cpu_devices", 8)
+jax.config.update("jax_platforms", "cpu")
+
+import numpy as np
+import pytest
+
+from avmae.data import writer
+
+FEATURES = dict(sample_rate=16000, mel_bins=16, log_mel="kaldi", frames_per_clip=3,
+                frame_size=[24, 24], video_encoding="jpeg")
+NUM_CLASSES = 5
+
+
+def make_clip(i: int, frames: int = 20) -> dict:
+  """Deterministic random clip number i (content depends on i only)."""
+  rng = np.random.default_rng(1000 + i)
+  return dict(clip_id=f"clip-{i:05d}", source=f"test/{i}.mp4",
+              labels=sorted({int(i % NUM_CLASSES), int((i * 7) % NUM_CLASSES)}),
+              log_mel=rng.normal(-4.0, 3.0, (frames, FEATURES["mel_bins"])),
+              frames=rng.integers(0, 256, (3, 24, 24, 3), dtype=np.uint8),
+              timestamps=np.array([0.1, 0.5, 0.9], np.float32))
+
+
+def write_dataset(out_dir, num_train: int = 37, num_eval: int = 11, num_shards: int = 3,
+                  **features) -> str:
+  w = writer.DatasetWriter(str(out_dir), name="test", features={**FEATURES, **features},
+                           label_names=[f"class{c}" for c in range(NUM_CLASSES)])
+  with w.split("train", num_shards) as split:
+    for i in range(num_train):
+      split.add(**make_clip(i))
+  with w.split("eval", 1) as split:
+    for i in range(num_train, num_train + num_eval):
+      split.add(**make_clip(i))
+  w.finish()
+  return str(out_dir)
+
+
+@pytest.fixture(scope="session")
+def dataset_dir(tmp_path_factory) -> str:
+  """A small dataset of 37 train clips in 3 shards and 11 eval clips. Do not modify it."""
+  return write_dataset(tmp_path_factory.mktemp("dataset"))
