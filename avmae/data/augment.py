@@ -66,7 +66,8 @@ def resize_bilinear(image: np.ndarray, size: tuple[int, int],
   xs = np.clip(xs, 0, image.shape[1] - 1)
   y0, x0 = np.floor(ys).astype(int), np.floor(xs).astype(int)
   y1, x1 = np.minimum(y0 + 1, image.shape[0] - 1), np.minimum(x0 + 1, image.shape[1] - 1)
-  wy, wx = (ys - y0)[:, None, None], (xs - x0)[None, :, None]
+  wy = (ys - y0).astype(np.float32)[:, None, None]
+  wx = (xs - x0).astype(np.float32)[None, :, None]
   img = image.astype(np.float32)
   top_row = img[y0][:, x0] * (1 - wx) + img[y0][:, x1] * wx
   bottom_row = img[y1][:, x0] * (1 - wx) + img[y1][:, x1] * wx

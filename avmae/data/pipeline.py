@@ -103,10 +103,10 @@ def prepare_example(record: RawRecord, rng: np.random.Generator, spec: ExampleSp
     return empty_example(spec, index, num_skipped=1)
   try:
     ex = schema.decode_example(data, where, _choose_frames(spec, rng, where))
-  except errors.CorruptRecordError:
+  except errors.CorruptRecordError as e:
     if not spec.skip_corrupt:
       raise
-    logging.warning("skipping corrupt record: %s", where, exc_info=True)
+    logging.warning("skipping corrupt record: %s", e)
     return empty_example(spec, index, num_skipped=1)
   if ex["log_mel"].shape[1] != spec.mel_bins or ex["frames"].shape[1:3] != spec.frame_size:
     raise errors.SchemaError(
@@ -224,12 +224,9 @@ class Batches:
     self.num_records = len(records)
     self.source = BatchSource(records, example_spec(cfg, info, train), seed, global_batch_size,
                               jax.process_index(), process_count)
-    ds = grain.MapDataset.source(self.source).to_iter_dataset()
-    if cfg.num_workers > 0:
-      if not flags.FLAGS.is_parsed():  # grain reads absl flags; programs without absl.app
-        flags.FLAGS.mark_as_parsed()
-      ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
-    self._iter = iter(ds)
+    self._num_workers = cfg.num_workers
+    self._iter = None  # made at the first batch, from position `_next`
+    self._next = 0
     self.num_skipped = 0
 
   def __len__(self) -> int:
@@ -238,8 +235,19 @@ class Batches:
   def __iter__(self) -> Iterator[dict[str, Any]]:
     return self
 
+  def _start(self) -> grain.DatasetIterator:
+    ds = grain.MapDataset.source(self.source)[self._next:].to_iter_dataset()
+    if self._num_workers > 0:
+      if not flags.FLAGS.is_parsed():  # grain reads absl flags; programs without absl.app
+        flags.FLAGS.mark_as_parsed()
+      ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._num_workers))
+    return iter(ds)
+
   def __next__(self) -> dict[str, Any]:
+    if self._iter is None:
+      self._iter = self._start()
     batch = next(self._iter)
+    self._next += 1
     self.num_skipped += int(batch.pop("num_skipped").sum())
     if self._sharding is None:
       return batch
@@ -251,6 +259,7 @@ class Batches:
     close = getattr(self._iter, "close", None)
     if close is not None:
       close()
+    self._iter = None
 
   def __enter__(self) -> "Batches":
     return self
@@ -259,11 +268,14 @@ class Batches:
     self.close()
 
   def get_state(self) -> bytes:
-    """JSON bytes of the whole iterator state: grain's position and the skip count."""
-    return json.dumps({"grain": self._iter.get_state(),
-                       "num_skipped": self.num_skipped}).encode()
+    """JSON bytes of the iterator state: the next batch number and the skip count.
+
+    Batch j does not depend on the number of processes or workers, so a state restores
+    exactly into a pipeline with other worker or process counts too.
+    """
+    return json.dumps({"next_batch": self._next, "num_skipped": self.num_skipped}).encode()
 
   def set_state(self, state: bytes) -> None:
     state = json.loads(state)
-    self._iter.set_state(state["grain"])
-    self.num_skipped = state["num_skipped"]
+    self.close()
+    self._next, self.num_skipped = state["next_batch"], state["num_skipped"]

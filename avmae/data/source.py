@@ -80,8 +80,8 @@ class TFRecordSource:
             f"{where}: read {len(framed)} of {end - start} bytes; the shard is shorter than its "
             "index says. Rewrite the shard and rebuild its index.")
       return RawRecord(index, tfrecord.unframe_record(framed, where), where)
-    except errors.CorruptRecordError:
+    except errors.CorruptRecordError as e:
       if not self._skip_corrupt:
         raise
-      logging.warning("skipping corrupt record: %s", where, exc_info=True)
+      logging.warning("skipping corrupt record: %s", e)
       return RawRecord(index, None, where)
