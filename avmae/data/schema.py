@@ -105,7 +105,7 @@ def encode_example(*, clip_id: str, source: str, labels: np.ndarray | list[int],
   feat["video/encoding"].bytes_list.value.append(encoding.encode())
   feat["video/shape"].int64_list.value.extend(frames.shape)
   feat["video/timestamps"].float_list.value.extend(float(t) for t in timestamps)
-  return ex.SerializeToString()
+  return ex.SerializeToString(deterministic=True)  # map order must not vary by process
 
 
 def _get(feat, key: str, kind: str, where: str):

@@ -1,0 +1,99 @@
+"""The main job on the built-in dataset: `python -m avmae.demo --workdir DIR`.
+
+Makes the synthetic audio-visual dataset, reads it back through the input pipeline onto a
+device mesh, prints a summary and saves a picture of a few clips (spectrogram beside frames).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import time
+
+from absl import app, flags
+import jax
+import numpy as np
+
+from avmae import plots, sharding
+from avmae.data import dataset_info, pipeline, schema, tfrecord
+from configs import data as data_config
+from data_prep import make_synthetic
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where the dataset and pictures go.",
+                               required=True)
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the synthetic dataset and of the shuffle.")
+
+
+def _step(number: int, text: str) -> float:
+  print(f"[{number}/3] {text}", flush=True)
+  return time.perf_counter()
+
+
+def summarize(data_dir: str, info: dict) -> None:
+  feats = info["features"]
+  print(f"  dataset      {data_dir}  (schema v{info['schema_version']})")
+  for split, s in info["splits"].items():
+    print(f"  {split:<12} {s['num_examples']} clips in {len(s['shards'])} shards")
+  print(f"  classes      {len(info['label_names'])}: " + ", ".join(info["label_names"][:4])
+        + (" ..." if len(info["label_names"]) > 4 else ""))
+  print(f"  audio        {feats['log_mel']} log-mel, {feats['mel_bins']} bins, "
+        f"{feats['sample_rate']} Hz; mean {info['log_mel_stats']['mean']:.3f}, "
+        f"std {info['log_mel_stats']['std']:.3f} (train)")
+  print(f"  video        {feats['frames_per_clip']} {feats['video_encoding']} frames of "
+        f"{feats['frame_size'][0]}x{feats['frame_size'][1]} per clip")
+
+
+def read_clips(data_dir: str, info: dict, split: str, count: int) -> list[dict]:
+  """The first record of each class in `split`, decoded with every frame."""
+  path = dataset_info.shard_paths(data_dir, info, split)[0]
+  clips, seen = [], set()
+  for i, data in enumerate(tfrecord.iter_records(path)):
+    clip = schema.decode_example(data, f"{path} record {i}")
+    label = int(clip["labels"][0])
+    if label not in seen:
+      seen.add(label)
+      clips.append({**clip, "title": f"{clip['clip_id']}: {info['label_names'][label]}"})
+    if len(clips) == count:
+      break
+  return clips
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  workdir = _WORKDIR.value
+  data_dir = os.path.join(workdir, "data")
+  os.makedirs(workdir, exist_ok=True)
+
+  start = _step(1, f"making the synthetic dataset in {data_dir}")
+  info = make_synthetic.make_synthetic(data_dir, seed=_SEED.value)
+  print(f"  done in {time.perf_counter() - start:.1f} s")
+  summarize(data_dir, info)
+
+  start = _step(2, f"reading it back through the pipeline on {jax.device_count()} device(s)")
+  cfg = data_config.get_config(data_dir)
+  mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+  labels, examples = collections.Counter(), 0
+  batch_size = cfg.batch_size - cfg.batch_size % jax.device_count()
+  with pipeline.Batches(cfg, "train", train=True, seed=_SEED.value,
+                        global_batch_size=batch_size, mesh=mesh) as batches:
+    num_batches = -(-info["splits"]["train"]["num_examples"] // batch_size)  # one epoch
+    for i in range(num_batches):
+      batch = next(batches)
+      if i == 0:
+        for key, value in batch.items():
+          print(f"  batch[{key!r}] {value.dtype}{list(value.shape)} sharded {value.sharding.spec}")
+      labels.update(np.argmax(np.asarray(batch["labels"]), axis=1).tolist())
+      examples += batch_size
+  seconds = time.perf_counter() - start
+  print(f"  one epoch: {examples} examples in {seconds:.1f} s ({examples / seconds:.0f}/s); "
+        f"examples per class: {dict(sorted(labels.items()))}; corrupt records skipped: "
+        f"{batches.num_skipped}")
+
+  _step(3, "drawing a few clips")
+  picture = os.path.join(workdir, "clips.png")
+  plots.plot_clips(read_clips(data_dir, info, "train", 4), picture)
+  print(f"  saved {picture}")
+
+
+if __name__ == "__main__":
+  app.run(main)
