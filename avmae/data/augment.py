@@ -31,10 +31,11 @@ def time_roll(log_mel: np.ndarray, rng: np.random.Generator) -> np.ndarray:
   return np.roll(log_mel, int(rng.integers(-log_mel.shape[0], log_mel.shape[0])), axis=0)
 
 
-def add_noise(log_mel: np.ndarray, rng: np.random.Generator, max_std: float) -> np.ndarray:
-  """Adds Gaussian noise whose std is drawn uniformly from [0, max_std]."""
-  std = rng.uniform(0.0, max_std)
-  return (log_mel + std * rng.standard_normal(log_mel.shape)).astype(np.float32)
+def add_noise(log_mel: np.ndarray, rng: np.random.Generator, max_scale: float) -> np.ndarray:
+  """Adds uniform [0, 1) noise times a scale drawn uniformly from [0, max_scale) (CAV-MAE's
+  noise augmentation, whose max_scale is 0.1, on the normalised log-mel)."""
+  scale = rng.random() * max_scale
+  return (log_mel + scale * rng.random(log_mel.shape)).astype(np.float32)
 
 
 def spec_augment(log_mel: np.ndarray, rng: np.random.Generator, max_freq: int,
