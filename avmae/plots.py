@@ -39,3 +39,60 @@ def plot_clips(clips: Sequence[dict[str, Any]], path: str, frame_shift_s: float 
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
+
+
+def _frame_for_display(frame: np.ndarray) -> np.ndarray:
+  from avmae.data.augment import IMAGE_MEAN, IMAGE_STD
+  return np.clip(frame * IMAGE_STD + IMAGE_MEAN, 0, 1)
+
+
+def plot_reconstructions(images: dict[str, np.ndarray], path: str, title: str = "",
+                         max_rows: int = 4) -> None:
+  """Rows of examples: spectrogram and frame, each as input, masked input, reconstruction.
+
+  `images` comes from a method's `reconstruct` (audio [B, T, F], frames [B, H, W, 3] in
+  normalised units, their `_masked`, `_reconstruction` and `_mask` versions).
+  """
+  rows = min(max_rows, len(images["audio"]))
+  columns = [("audio", "input"), ("audio_masked", "masked"),
+             ("audio_reconstruction", "reconstruction"), ("frames", "frame"),
+             ("frames_masked", "masked"), ("frames_reconstruction", "reconstruction")]
+  fig, axes = plt.subplots(rows, 6, squeeze=False, figsize=(13, 1.9 * rows),
+                           gridspec_kw={"width_ratios": [2.2, 2.2, 2.2, 1, 1, 1]})
+  lo, hi = np.percentile(images["audio"][:rows], [1, 99])
+  for r in range(rows):
+    for c, (key, label) in enumerate(columns):
+      ax = axes[r][c]
+      x = np.asarray(images[key][r], np.float32)
+      if key.startswith("audio"):
+        x = np.where(images["audio_mask"][r] > 0, np.nan, x) if key == "audio_masked" else x
+        ax.imshow(x.T, origin="lower", aspect="auto", cmap="magma", vmin=lo, vmax=hi)
+      else:
+        x = _frame_for_display(x)
+        if key == "frames_masked":
+          x = np.where(images["frames_mask"][r] > 0, 0.5, x)
+        ax.imshow(x)
+      ax.set_xticks([])
+      ax.set_yticks([])
+      if r == 0:
+        ax.set_title(label, fontsize=8)
+  if title:
+    fig.suptitle(title, fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+
+
+def plot_loss_curves(records: Sequence[dict[str, float]], keys: Sequence[str], path: str) -> None:
+  """Loss terms against step, from metrics.jsonl records."""
+  fig, axes = plt.subplots(1, len(keys), squeeze=False, figsize=(3.6 * len(keys), 2.8))
+  steps = [r["step"] for r in records]
+  for ax, key in zip(axes[0], keys):
+    ax.plot(steps, [r[key] for r in records], lw=1.2)
+    ax.set_title(key, fontsize=9)
+    ax.set_xlabel("step", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
+import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
@@ -40,3 +41,22 @@ def batch_sharding(mesh: Mesh, batch_axes: Sequence[str]) -> NamedSharding:
 
 def num_batch_shards(mesh: Mesh, batch_axes: Sequence[str]) -> int:
   return int(np.prod([mesh.shape[a] for a in batch_axes]))
+
+
+def logical_to_shardings(boxed_tree, mesh: Mesh, rules: Sequence[tuple[str, object]]):
+  """NamedShardings for a tree whose leaves carry logical names (flax `Partitioned` boxes,
+  e.g. from `jax.eval_shape` of an init); unannotated leaves are replicated."""
+  specs = nn.get_partition_spec(boxed_tree)
+  return nn.logical_to_mesh_sharding(specs, mesh, [tuple(r) for r in rules])
+
+
+def describe(sharding: NamedSharding) -> str:
+  """'P(fsdp, tensor)'-style text of a sharding, for tables."""
+  return "P(" + ", ".join("None" if s is None else str(s) for s in sharding.spec) + ")"
+
+
+def strip_logical_names(tree):
+  """The values of a tree of flax `Partitioned` boxes (works on abstract values too, where
+  `nn.meta.unbox` would try to apply sharding constraints)."""
+  is_box = lambda x: isinstance(x, nn.Partitioned)
+  return jax.tree.map(lambda x: x.value if is_box(x) else x, tree, is_leaf=is_box)

@@ -163,7 +163,7 @@ class BatchSource:
 
   def __init__(self, records: TFRecordSource, spec: ExampleSpec, seed: int,
                global_batch_size: int, process_index: int, process_count: int):
-    self._records, self._spec, self._seed = records, spec, seed
+    self._records, self.spec, self._seed = records, spec, seed
     self._global_batch_size = global_batch_size
     self._local_batch_size = global_batch_size // process_count
     self._offset = process_index * self._local_batch_size
@@ -185,12 +185,12 @@ class BatchSource:
     return int(self._permutations[epoch][index])
 
   def _example(self, position: int) -> dict[str, Any]:
-    if not self._spec.train:
+    if not self.spec.train:
       if position >= len(self._records):
-        return empty_example(self._spec, -1, 0)
-      return prepare_example(self._records[position], np.random.default_rng(0), self._spec)
+        return empty_example(self.spec, -1, 0)
+      return prepare_example(self._records[position], np.random.default_rng(0), self.spec)
     rng = np.random.default_rng([self._seed, position])
-    return prepare_example(self._records[self._record(position)], rng, self._spec)
+    return prepare_example(self._records[self._record(position)], rng, self.spec)
 
   def __getitem__(self, batch: int) -> dict[str, np.ndarray]:
     start = batch * self._global_batch_size + self._offset
@@ -222,6 +222,7 @@ class Batches:
     info = dataset_info.load(cfg.dir)
     records = TFRecordSource(dataset_info.shard_paths(cfg.dir, info, split), cfg.skip_corrupt)
     self.num_records = len(records)
+    self.global_batch_size = global_batch_size
     self.source = BatchSource(records, example_spec(cfg, info, train), seed, global_batch_size,
                               jax.process_index(), process_count)
     self._num_workers = cfg.num_workers
@@ -231,6 +232,13 @@ class Batches:
 
   def __len__(self) -> int:
     return len(self.source)
+
+  def element_spec(self) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes and dtypes of the global batches this iterator yields."""
+    example = empty_example(self.source.spec, -1, 0)
+    del example["num_skipped"]
+    return {k: jax.ShapeDtypeStruct((self.global_batch_size,) + np.shape(v), np.asarray(v).dtype)
+            for k, v in example.items()}
 
   def __iter__(self) -> Iterator[dict[str, Any]]:
     return self

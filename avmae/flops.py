@@ -1,0 +1,47 @@
+"""Analytic FLOP counts (matmuls only, 2 FLOPs per multiply-add), for throughput and MFU.
+
+Training costs 3x the forward pass (forward, and the backward's two matmuls per forward
+matmul). Elementwise work (LayerNorm, softmax, GELU) is not counted: XLA's cost analysis
+counts it, so the two differ by a few percent, not by the masked tokens.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from avmae import masking
+
+
+def block_flops(tokens: int, width: int, mlp_ratio: float) -> float:
+  """One transformer block on `tokens` tokens: qkv, QK^T, AV, output projection, MLP."""
+  mlp = int(width * mlp_ratio)
+  projections = 2 * tokens * width * (3 * width + width + 2 * mlp)
+  attention = 2 * 2 * tokens * tokens * width
+  return float(projections + attention)
+
+
+def cav_mae_forward_flops(model: ml_collections.ConfigDict,
+                          mask: ml_collections.ConfigDict) -> float:
+  """FLOPs of one example's forward pass of the CAV-MAE pretraining model."""
+  p, d, dd = model.patch_size, model.embed_dim, model.decoder_embed_dim
+  tokens_a = (model.mel_bins // p) * (model.audio_frames // p)
+  tokens_v = (model.image_size // p) ** 2
+  keep_a = masking.num_visible(tokens_a, mask.ratio_a)
+  keep_v = masking.num_visible(tokens_v, mask.ratio_v)
+  blocks = lambda n, width: block_flops(n, width, model.mlp_ratio)
+  patch_embed = 2 * (keep_a * p * p + keep_v * p * p * 3) * d
+  encoder = model.modality_specific_depth * (blocks(keep_a, d) + blocks(keep_v, d))
+  # The shared blocks run three times: on both modalities, then on each alone.
+  shared = model.shared_depth * (blocks(keep_a + keep_v, d) + blocks(keep_a, d)
+                                 + blocks(keep_v, d))
+  decoder_embed = 2 * (keep_a + keep_v) * d * dd
+  decoder = model.decoder_depth * blocks(tokens_a + tokens_v, dd)
+  heads = 2 * (tokens_a * p * p + tokens_v * p * p * 3) * dd
+  return float(patch_embed + encoder + shared + decoder_embed + decoder + heads)
+
+
+def cav_mae_train_step_flops(config: ml_collections.ConfigDict) -> float:
+  """FLOPs of one training step on the global batch (forward + backward)."""
+  batch = config.data.batch_size
+  contrastive = 2 * batch * batch * config.model.embed_dim  # similarity matrix
+  return 3.0 * (batch * cav_mae_forward_flops(config.model, config.masking) + contrastive)

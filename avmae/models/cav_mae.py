@@ -1,0 +1,149 @@
+"""CAV-MAE (Gong et al., ICLR 2023), faithful to the official PyTorch pretraining model.
+
+Token layout as official: the [T, F] log-mel is fed transposed, so the 16x16 audio patches
+form an (F/16) x (T/16) grid in frequency-major order (8 x 64 at base size); one RGB frame
+gives (H/16) x (W/16) tokens (196). Patch embedding is a Dense on patchified inputs (the same
+map as the official stride-16 convolution). Position embeddings are fixed 2-D sin-cos
+constants, not parameters (frozen in the official pretraining, so not trainable there either).
+
+The model sees only the visible tokens: masking is decided outside (avmae/masking.py) and
+passed in, and the encoders run on `gather_visible` outputs.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from avmae import losses, masking
+from avmae.models.vit import Block, Dense, Dtype, LayerNormParams, constrain, layer_norm, sincos_2d
+
+
+def _embedding(name: str, module: nn.Module, dim: int) -> jax.Array:
+  init = nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, None, "embed"))
+  return module.param(name, init, (1, 1, dim), jnp.float32)
+
+
+class CAVMAE(nn.Module):
+  """The pretraining model: two modality encoders, a shared block, a joint decoder."""
+  audio_frames: int
+  mel_bins: int
+  image_size: int
+  patch_size: int
+  embed_dim: int
+  modality_specific_depth: int
+  shared_depth: int
+  num_heads: int
+  mlp_ratio: float
+  decoder_embed_dim: int
+  decoder_depth: int
+  decoder_num_heads: int
+  dtype: Dtype = jnp.float32
+
+  @property
+  def audio_grid(self) -> tuple[int, int]:
+    """(frequency, time) patches."""
+    return self.mel_bins // self.patch_size, self.audio_frames // self.patch_size
+
+  @property
+  def num_audio_tokens(self) -> int:
+    return self.audio_grid[0] * self.audio_grid[1]
+
+  @property
+  def num_video_tokens(self) -> int:
+    return (self.image_size // self.patch_size) ** 2
+
+  def _blocks(self, prefix: str, depth: int, heads: int) -> list[Block]:
+    return [Block(heads, self.mlp_ratio, self.dtype, name=f"{prefix}_{i}") for i in range(depth)]
+
+  def setup(self):
+    p, d = self.patch_size, self.embed_dim
+    self.patch_embed_a = Dense(d, ("patch", "embed"), self.dtype)
+    self.patch_embed_v = Dense(d, ("patch", "embed"), self.dtype)
+    self.modality_a = _embedding("modality_a", self, d)
+    self.modality_v = _embedding("modality_v", self, d)
+    self.blocks_a = self._blocks("blocks_a", self.modality_specific_depth, self.num_heads)
+    self.blocks_v = self._blocks("blocks_v", self.modality_specific_depth, self.num_heads)
+    self.blocks_u = self._blocks("blocks_u", self.shared_depth, self.num_heads)
+    self.norm_a, self.norm_v, self.norm = (LayerNormParams(name=n)
+                                           for n in ("norm_a", "norm_v", "norm"))
+    self.decoder_embed = Dense(self.decoder_embed_dim, ("embed", None), self.dtype)
+    self.mask_token = _embedding("mask_token", self, self.decoder_embed_dim)
+    self.decoder_modality_a = _embedding("decoder_modality_a", self, self.decoder_embed_dim)
+    self.decoder_modality_v = _embedding("decoder_modality_v", self, self.decoder_embed_dim)
+    self.decoder_blocks = self._blocks("decoder_blocks", self.decoder_depth,
+                                       self.decoder_num_heads)
+    self.decoder_norm = LayerNormParams()
+    self.decoder_pred_a = Dense(p * p, ("embed", "patch"), self.dtype)
+    self.decoder_pred_v = Dense(p * p * 3, ("embed", "patch"), self.dtype)
+
+  def _pos(self, dim: int) -> tuple[jax.Array, jax.Array]:
+    side = self.image_size // self.patch_size
+    return (jnp.asarray(sincos_2d(dim, *self.audio_grid), self.dtype),
+            jnp.asarray(sincos_2d(dim, side, side), self.dtype))
+
+  def embed_visible(self, audio: jax.Array, frames: jax.Array, mask_a: masking.Mask,
+                    mask_v: masking.Mask) -> tuple[jax.Array, jax.Array]:
+    """Visible tokens of both modalities with position and modality embeddings [B, K, D].
+
+    Patches are gathered before the (per-token) patch embedding, so masked patches cost
+    nothing; the result equals embedding all tokens and gathering, as official does.
+    """
+    pos_a, pos_v = self._pos(self.embed_dim)
+    a = masking.gather_visible(losses.patchify_audio(audio, self.patch_size), mask_a)
+    v = masking.gather_visible(losses.patchify_image(frames, self.patch_size), mask_v)
+    a = (self.patch_embed_a(a) + jnp.take(pos_a, mask_a.ids_keep, axis=0)
+         + self.modality_a.astype(self.dtype))
+    v = (self.patch_embed_v(v) + jnp.take(pos_v, mask_v.ids_keep, axis=0)
+         + self.modality_v.astype(self.dtype))
+    return (constrain(a, "batch", "tokens", "act_embed"),
+            constrain(v, "batch", "tokens", "act_embed"))
+
+  def _shared(self, x: jax.Array, modality: str | None) -> jax.Array:
+    for block in self.blocks_u:
+      x = block(x, modality)
+    return x
+
+  def encode(self, a: jax.Array, v: jax.Array) -> dict[str, jax.Array]:
+    """Encoders on (visible) tokens [B, La, D], [B, Lv, D].
+
+    Returns the joint latent (shared block on both, final `norm`) for reconstruction and the
+    per-modality latents (shared block with the modality's norms, `norm_a`/`norm_v`) that
+    the contrastive loss pools, as the official forward_encoder.
+    """
+    for block in self.blocks_a:
+      a = block(a)
+    for block in self.blocks_v:
+      v = block(v)
+    joint = self._shared(jnp.concatenate([a, v], axis=1), None)
+    return {
+        "latent": layer_norm(joint, self.norm(self.embed_dim), self.dtype),
+        "latent_a": layer_norm(self._shared(a, "a"), self.norm_a(self.embed_dim), self.dtype),
+        "latent_v": layer_norm(self._shared(v, "v"), self.norm_v(self.embed_dim), self.dtype),
+    }
+
+  def decode(self, latent: jax.Array, mask_a: masking.Mask, mask_v: masking.Mask
+             ) -> tuple[jax.Array, jax.Array]:
+    """Predicted patches of every token [B, La, p*p], [B, Lv, p*p*3] from the visible latent."""
+    x = self.decoder_embed(latent)
+    num_visible_a = mask_a.ids_keep.shape[1]
+    token = self.mask_token[0, 0].astype(self.dtype)
+    a = masking.unshuffle_with_mask_tokens(x[:, :num_visible_a], token, mask_a)
+    v = masking.unshuffle_with_mask_tokens(x[:, num_visible_a:], token, mask_v)
+    pos_a, pos_v = self._pos(self.decoder_embed_dim)
+    a = a + pos_a + self.decoder_modality_a.astype(self.dtype)
+    v = v + pos_v + self.decoder_modality_v.astype(self.dtype)
+    x = jnp.concatenate([a, v], axis=1)
+    for block in self.decoder_blocks:
+      x = block(x)
+    x = layer_norm(x, self.decoder_norm(self.decoder_embed_dim), self.dtype)
+    return (self.decoder_pred_a(x[:, :self.num_audio_tokens]),
+            self.decoder_pred_v(x[:, self.num_audio_tokens:]))
+
+  def __call__(self, audio: jax.Array, frames: jax.Array, mask_a: masking.Mask,
+               mask_v: masking.Mask) -> dict[str, jax.Array]:
+    """audio [B, T, F] normalised log-mel, frames [B, H, W, 3] -> latents and predictions."""
+    out = self.encode(*self.embed_visible(audio, frames, mask_a, mask_v))
+    out["pred_a"], out["pred_v"] = self.decode(out["latent"], mask_a, mask_v)
+    return out

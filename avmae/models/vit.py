@@ -1,0 +1,155 @@
+"""Transformer building blocks shared by the models, with logical axis names only.
+
+Parameters are annotated with logical names (`embed`, `mlp`, `heads`, `head_dim`, `patch`,
+`norm`); activations with `batch`, `tokens`, `act_embed`, `act_mlp`, `act_heads`. The rules
+that map them to mesh axes live in the config (avmae/sharding.py applies them).
+
+Attention is written with `self.param` and `jax.nn.dot_product_attention`, not
+nn.MultiHeadDotProductAttention, which crashes with logical partitioning under a mesh.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+LN_EPS = 1e-5  # PyTorch's LayerNorm default, which the reference models were trained with
+
+xavier = nn.initializers.xavier_uniform
+
+
+def constrain(x: jax.Array, *names: str | None) -> jax.Array:
+  return nn.with_logical_constraint(x, names)
+
+
+def sincos_2d(embed_dim: int, grid_h: int, grid_w: int) -> np.ndarray:
+  """Fixed 2-D sin-cos position embedding [grid_h * grid_w, embed_dim], token m = h*W + w.
+
+  As in the MAE/CAV-MAE reference: the first half of the channels encodes the column (w)
+  coordinate, the second half the row (h) coordinate; each half is [sin, cos] of
+  position * 10000^(-k / (D/4)).
+  """
+  if embed_dim % 4:
+    raise ValueError(f"sin-cos position embedding needs embed_dim % 4 == 0, got {embed_dim}")
+  h, w = np.meshgrid(np.arange(grid_h, dtype=np.float64), np.arange(grid_w, dtype=np.float64),
+                     indexing="ij")
+  omega = 1.0 / 10000 ** (np.arange(embed_dim // 4, dtype=np.float64) / (embed_dim / 4))
+
+  def embed_1d(pos):
+    out = np.outer(pos.reshape(-1), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+  return np.concatenate([embed_1d(w), embed_1d(h)], axis=1).astype(np.float32)
+
+
+class Dense(nn.Module):
+  """y = x @ kernel + bias over the last axis, with logical names for kernel and bias."""
+  features: int
+  kernel_axes: tuple[str | None, str | None]
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param("kernel", nn.with_logical_partitioning(xavier(), self.kernel_axes),
+                        (x.shape[-1], self.features), jnp.float32)
+    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                           self.kernel_axes[1:]),
+                      (self.features,), jnp.float32)
+    x = x.astype(self.dtype)
+    return jnp.dot(x, kernel.astype(self.dtype)) + bias.astype(self.dtype)
+
+
+class LayerNormParams(nn.Module):
+  """The scale and bias of one LayerNorm. A Block owns three pairs (shared, audio, video)
+  but uses one per call, so parameters are declared here and applied by `layer_norm`."""
+
+  @nn.compact
+  def __call__(self, dim: int) -> tuple[jax.Array, jax.Array]:
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                       (dim,), jnp.float32)
+    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
+                      (dim,), jnp.float32)
+    return scale, bias
+
+
+def layer_norm(x: jax.Array, params: tuple[jax.Array, jax.Array], dtype: Dtype) -> jax.Array:
+  """LayerNorm with float32 statistics, output in `dtype`."""
+  scale, bias = params
+  x32 = x.astype(jnp.float32)
+  mean = x32.mean(-1, keepdims=True)
+  var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+  return ((x32 - mean) * jax.lax.rsqrt(var + LN_EPS) * scale + bias).astype(dtype)
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention; fused qkv kernel [embed, 3, heads, head_dim]."""
+  num_heads: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    dim = x.shape[-1]
+    head_dim = dim // self.num_heads
+    qkv_axes = ("embed", None, "heads", "head_dim")
+    # Xavier over the fused [embed, 3 * embed] matrix, as the reference initialises qkv.
+    qkv_kernel = self.param(
+        "qkv_kernel", nn.with_logical_partitioning(xavier(in_axis=0, out_axis=(1, 2, 3)),
+                                                   qkv_axes),
+        (dim, 3, self.num_heads, head_dim), jnp.float32)
+    qkv_bias = self.param("qkv_bias", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                                   qkv_axes[1:]),
+                          (3, self.num_heads, head_dim), jnp.float32)
+    out_kernel = self.param(
+        "out_kernel", nn.with_logical_partitioning(xavier(in_axis=(0, 1), out_axis=2),
+                                                   ("heads", "head_dim", "embed")),
+        (self.num_heads, head_dim, dim), jnp.float32)
+    out_bias = self.param("out_bias", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                                   ("embed",)),
+                          (dim,), jnp.float32)
+    qkv = jnp.einsum("btd,dkhc->kbthc", x.astype(self.dtype), qkv_kernel.astype(self.dtype))
+    qkv = qkv + qkv_bias.astype(self.dtype)[:, None, None]
+    q, k, v = (constrain(t, "batch", "tokens", "act_heads", None) for t in qkv)
+    y = jax.nn.dot_product_attention(q, k, v)
+    y = jnp.einsum("bthc,hcd->btd", y, out_kernel.astype(self.dtype))
+    return y + out_bias.astype(self.dtype)
+
+
+class Mlp(nn.Module):
+  hidden: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = Dense(self.hidden, ("embed", "mlp"), self.dtype, name="fc1")(x)
+    h = constrain(nn.gelu(h, approximate=False), "batch", "tokens", "act_mlp")  # exact GELU
+    return Dense(x.shape[-1], ("mlp", "embed"), self.dtype, name="fc2")(h)
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block with three LayerNorm pairs: shared (`norm1`, `norm2`) and
+  per modality (`norm1_a`/`norm2_a`, `norm1_v`/`norm2_v`), as CAV-MAE's blocks.
+
+  `modality` None uses the shared pair; "a" or "v" the modality's (CAV-MAE's shared block
+  applied to one modality alone).
+  """
+  num_heads: int
+  mlp_ratio: float
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, modality: str | None = None) -> jax.Array:
+    dim = x.shape[-1]
+    norms = {name: LayerNormParams(name=name)(dim)
+             for name in ("norm1", "norm1_a", "norm1_v", "norm2", "norm2_a", "norm2_v")}
+    suffix = "" if modality is None else f"_{modality}"
+    x = constrain(x, "batch", "tokens", "act_embed")
+    x = x + Attention(self.num_heads, self.dtype, name="attn")(
+        layer_norm(x, norms["norm1" + suffix], self.dtype))
+    x = x + Mlp(int(dim * self.mlp_ratio), self.dtype, name="mlp")(
+        layer_norm(x, norms["norm2" + suffix], self.dtype))
+    return constrain(x, "batch", "tokens", "act_embed")

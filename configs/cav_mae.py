@@ -1,0 +1,92 @@
+"""CAV-MAE pretraining. `--config=configs/cav_mae.py:SIZE` with SIZE tiny, small, base or large.
+
+tiny trains on the synthetic dataset on a CPU; base is the official recipe (AudioSet,
+`run_cavmae_pretrain_base.sh`): global batch 48, Adam (0.95, 0.999) with L2 weight decay
+5e-7, lr 5e-5 with a 1000-step warmup, halved at epochs 10, 15 and 20 of 25, mask 0.75 for
+both modalities, 1024 x 128 audio, one 224 px frame, noise + time-roll augmentation.
+"""
+
+import ml_collections
+
+from configs import data
+
+# Encoder width/depth/heads and decoder width/depth/heads per size; patch 16 unless noted.
+MODEL_SIZES = {
+    "tiny": dict(embed_dim=64, modality_specific_depth=2, shared_depth=1, num_heads=4,
+                 decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4, patch_size=8),
+    "small": dict(embed_dim=384, modality_specific_depth=11, shared_depth=1, num_heads=6,
+                  decoder_embed_dim=256, decoder_depth=4, decoder_num_heads=8, patch_size=16),
+    "base": dict(embed_dim=768, modality_specific_depth=11, shared_depth=1, num_heads=12,
+                 decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, patch_size=16),
+    "large": dict(embed_dim=1024, modality_specific_depth=23, shared_depth=1, num_heads=16,
+                  decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, patch_size=16),
+}
+
+# Input geometry: (audio frames, mel bins, image size), tiny matches the synthetic defaults.
+INPUT_SIZES = {"tiny": (128, 64, 32), "small": (1024, 128, 224), "base": (1024, 128, 224),
+               "large": (1024, 128, 224)}
+
+# Logical axis -> mesh axes. Parameters: FSDP shards `embed`, tensor parallelism splits the
+# MLP and attention heads. Activations: the batch over (data, fsdp), heads/MLP over tensor.
+SHARDING_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_heads", "tensor"),
+    ("head_dim", None),
+    ("tokens", None),
+    ("act_embed", None),
+    ("patch", None),
+    ("norm", None),
+)
+
+
+def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
+  size = arg or "tiny"
+  if size not in MODEL_SIZES:
+    raise ValueError(f"configs/cav_mae.py: unknown size {size!r}; one of {sorted(MODEL_SIZES)}")
+  official = size != "tiny"
+  c = ml_collections.ConfigDict()
+  c.method = "cav_mae"
+  c.seed = 0
+  c.total_steps = 300 if size == "tiny" else 25 * 36_900  # base: 25 epochs of AS-2M at 48
+  c.log_every_steps = 10 if size == "tiny" else 100
+  c.checkpoint_every_steps = 100 if size == "tiny" else 5000
+  c.keep_checkpoints = 3
+  c.image_every_steps = 100 if size == "tiny" else 5000
+  c.dtype = "float32" if size == "tiny" else "bfloat16"  # compute dtype; parameters float32
+  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+  c.sharding_rules = SHARDING_RULES
+  c.init_checkpoint = ""  # base: optionally start from these parameters (orbax or .npz)
+
+  audio_frames, mel_bins, image_size = INPUT_SIZES[size]
+  c.data = data.get_config("")
+  c.data.batch_size = 48 if official else 32
+  c.data.audio_frames = audio_frames
+  c.data.image_size = image_size
+  c.data.augment.noise = 0.1 if official else 0.0
+
+  c.model = ml_collections.ConfigDict(dict(
+      audio_frames=audio_frames, mel_bins=mel_bins, image_size=image_size, mlp_ratio=4.0,
+      **MODEL_SIZES[size]))
+
+  c.masking = ml_collections.ConfigDict(dict(ratio_a=0.75, ratio_v=0.75, mode_a="unstructured"))
+  c.loss = ml_collections.ConfigDict(dict(
+      mae_weight=1.0, contrastive_weight=0.01, temperature=0.05, bidirectional=False,
+      norm_pix=True,
+      group_size=0))  # 0: negatives from the whole global batch; official 4-GPU run: 12
+
+  c.optimizer = ml_collections.ConfigDict(dict(
+      name="adam",  # "adam": L2 decay added to the gradient (torch.optim.Adam); "adamw"
+      learning_rate=5e-5 if official else 1e-3,
+      b1=0.95, b2=0.999, eps=1e-8,
+      weight_decay=5e-7 if official else 0.05,
+      no_decay=() if official else ("bias", "scale", "modality", "mask_token"),
+      grad_clip_norm=0.0 if official else 1.0,  # 0: no clipping (official)
+      warmup_steps=1000 if official else 20,
+      schedule="step" if official else "cosine",
+      decay_epochs=(10, 15, 20),  # "step": lr times decay_factor at each of these epochs
+      decay_factor=0.5))
+  return c
