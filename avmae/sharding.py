@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Mapping, Sequence
 
 import flax.linen as nn
@@ -11,8 +12,9 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 
 def make_mesh(shape: Mapping[str, int]) -> Mesh:
-  """Mesh over all devices with the named axis sizes; one size may be -1 ("the rest").
+  """Mesh with the named axis sizes; one size may be -1 ("all the remaining devices").
 
+  A mesh smaller than the machine uses the first devices (e.g. a 1-device reference run).
   Axis types are Auto: linen's logical constraints do nothing under Explicit axes, the
   default of `jax.make_mesh` on this stack.
   """
@@ -25,10 +27,14 @@ def make_mesh(shape: Mapping[str, int]) -> Mesh:
     if num_devices % known:
       raise ValueError(f"mesh {dict(shape)}: {num_devices} devices are not divisible by {known}")
     sizes[sizes.index(-1)] = num_devices // known
-  if int(np.prod(sizes)) != num_devices:
-    raise ValueError(f"mesh {dict(shape)} needs {int(np.prod(sizes))} devices, "
-                     f"but {num_devices} are present")
-  return jax.make_mesh(tuple(sizes), names, axis_types=(AxisType.Auto,) * len(names))
+  needed = int(np.prod(sizes))
+  if needed > num_devices or num_devices % needed:
+    raise ValueError(f"mesh {dict(shape)} needs {needed} devices, but {num_devices} are "
+                     "present")
+  if needed < num_devices:
+    logging.warning("mesh %s uses %d of the %d devices", dict(shape), needed, num_devices)
+  return jax.make_mesh(tuple(sizes), names, axis_types=(AxisType.Auto,) * len(names),
+                       devices=jax.devices()[:needed])
 
 
 def batch_sharding(mesh: Mesh, batch_axes: Sequence[str]) -> NamedSharding:
