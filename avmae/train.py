@@ -143,7 +143,7 @@ def make_train_step(method, optimizer: optax.GradientTransformation, schedule, s
     (_, metrics), grads = jax.value_and_grad(method.loss_fn, has_aux=True)(
         state["params"], batch, key)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-    grad_norm, update_norm = optax.global_norm(grads), optax.global_norm(updates)
+    grad_norm, update_norm = optax.tree.norm(grads), optax.tree.norm(updates)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
     # A non-finite step changes nothing and is recorded; the host stops at the next check.
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)

@@ -8,6 +8,12 @@ import jax
 
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_platforms", "cpu")
+# Identical programs compiled by several tests (and their subprocesses) compile once.
+_CACHE = os.path.join(os.environ.get("TMPDIR", "/tmp"), "avmae-test-jax-cache")
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+jax.config.update("jax_compilation_cache_dir", _CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 import numpy as np
 import pytest

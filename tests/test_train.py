@@ -1,0 +1,224 @@
+"""The trainer: model size, mesh invariance, sharding golden file, exact resume, preemption,
+the NaN guard and config validation."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from avmae import checkpoint, optim, sharding, train
+from avmae.methods import METHODS
+from avmae.models import vit
+from configs import cav_mae
+from data_prep import make_synthetic
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+GOLDEN = REPO / "tests" / "golden" / "cav_mae_tiny_shardings_d2_f2_t2.txt"
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("synthetic"))
+  make_synthetic.make_synthetic(out, num_train=64, num_eval=16, num_shards=2)
+  return out
+
+
+def tiny(data_dir, **overrides):
+  c = cav_mae.get_config("tiny")
+  c.data.dir = data_dir
+  c.data.batch_size = 16
+  c.total_steps = 3
+  c.log_every_steps = 1
+  c.image_every_steps = 1000
+  c.checkpoint_every_steps = 1000
+  for key, value in overrides.items():
+    target = c
+    *path, last = key.split(".")
+    for p in path:
+      target = target[p]
+    target[last] = value
+  return c
+
+
+def _metrics(workdir):
+  return [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+
+
+def _abstract_state(config, mesh):
+  method = METHODS[config.method](config)
+  opt = optim.make_optimizer(config.optimizer, optim.learning_rate_schedule(
+      config.optimizer, config.total_steps, 10))
+  b, m = config.data.batch_size, config.model
+  batch = {"audio": jnp.zeros((b, m.audio_frames, m.mel_bins)),
+           "frames": jnp.zeros((b, m.image_size, m.image_size, 3)),
+           "valid": jnp.ones((b,), bool)}
+  with jax.set_mesh(mesh), nn.logical_axis_rules(config.sharding_rules):
+    return jax.eval_shape(lambda: train.init_state(method, opt, batch, 0))
+
+
+def test_base_has_the_official_parameter_count():
+  c = cav_mae.get_config("base")
+  c.data.batch_size = 8
+  boxed = _abstract_state(c, sharding.make_mesh(c.mesh))
+  params = sharding.strip_logical_names(boxed["params"])
+  assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)) == 190_129_920
+  assert params["blocks_a_0"]["attn"]["qkv_kernel"].shape == (768, 3, 12, 64)
+  assert params["decoder_pred_a"]["kernel"].shape == (512, 256)
+  assert params["decoder_pred_v"]["kernel"].shape == (512, 768)
+  assert len([k for k in params if k.startswith("blocks_a_")]) == 11
+  assert len([k for k in params if k.startswith("decoder_blocks_")]) == 8
+  assert set(params["blocks_u_0"]) >= {"norm1", "norm1_a", "norm1_v", "norm2", "norm2_a", "norm2_v"}
+
+
+def _official_sincos(embed_dim, grid_h, grid_w):
+  """The reference's construction, rewritten: meshgrid(w, h), reshaped, first half from w."""
+  grid = np.stack(np.meshgrid(np.arange(grid_w, dtype=np.float32),
+                              np.arange(grid_h, dtype=np.float32)), axis=0)
+  grid = grid.reshape([2, 1, grid_w, grid_h])
+
+  def one_d(dim, pos):
+    omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+    out = np.einsum("m,d->md", pos.reshape(-1), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+  return np.concatenate([one_d(embed_dim // 2, grid[0]), one_d(embed_dim // 2, grid[1])], 1)
+
+
+@pytest.mark.parametrize("dim,h,w", [(768, 8, 64), (768, 14, 14), (512, 8, 64), (64, 16, 8)])
+def test_position_embedding_matches_reference(dim, h, w):
+  np.testing.assert_allclose(vit.sincos_2d(dim, h, w), _official_sincos(dim, h, w), atol=1e-6)
+
+
+def test_loss_is_the_same_on_1_8_and_222_meshes(synthetic_dir, tmp_path):
+  losses = {}
+  for name, mesh in {"1": {"data": 1, "fsdp": 1, "tensor": 1},
+                     "8": {"data": 8, "fsdp": 1, "tensor": 1},
+                     "222": {"data": 2, "fsdp": 2, "tensor": 2}}.items():
+    workdir = str(tmp_path / name)
+    train.train(tiny(synthetic_dir, mesh=mesh), workdir)
+    losses[name] = [m["loss"] for m in _metrics(workdir)]
+  assert len(losses["1"]) == 3 and losses["1"][0] != losses["1"][2]
+  np.testing.assert_allclose(losses["8"], losses["1"], rtol=1e-5)
+  np.testing.assert_allclose(losses["222"], losses["1"], rtol=1e-5)
+
+
+def _sharding_table(config):
+  mesh = sharding.make_mesh(config.mesh)
+  boxed = _abstract_state(config, mesh)
+  shardings = sharding.logical_to_shardings(boxed["params"], mesh, config.sharding_rules)
+  rows = jax.tree_util.tree_leaves_with_path(shardings)
+  return "".join(f"{jax.tree_util.keystr(p)} {sharding.describe(s)}\n" for p, s in rows)
+
+
+def test_parameter_shardings_match_golden_file():
+  c = cav_mae.get_config("tiny")
+  c.mesh = {"data": 2, "fsdp": 2, "tensor": 2}
+  c.data.batch_size = 8
+  table = _sharding_table(c)
+  if os.environ.get("AVMAE_UPDATE_GOLDEN"):
+    GOLDEN.parent.mkdir(exist_ok=True)
+    GOLDEN.write_text(table)
+  assert table == GOLDEN.read_text(), "set AVMAE_UPDATE_GOLDEN=1 to regenerate deliberately"
+  assert "['blocks_a_0']['mlp']['fc1']['kernel'] P(fsdp, tensor)" in table
+
+
+def _run(config_args, workdir, env_extra=None, **popen):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env_extra or {})}
+  cmd = [sys.executable, "-m", "avmae.train", "--config=configs/cav_mae.py:tiny",
+         f"--workdir={workdir}", *config_args]
+  return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def _args(data_dir, **kv):
+  base = {"data.dir": data_dir, "data.batch_size": 16, "log_every_steps": 1,
+          "image_every_steps": 1000, "checkpoint_every_steps": 1000}
+  return [f"--config.{k}={v}" for k, v in {**base, **kv}.items()]
+
+
+def _restore_params(workdir, step):
+  mngr = checkpoint.manager(workdir, 3, async_save=False)
+  restored = mngr.restore(step, args=checkpoint.ocp.args.Composite(
+      state=checkpoint.ocp.args.StandardRestore()))
+  mngr.close()
+  return restored["state"]["params"]
+
+
+def test_exact_resume_after_restart(synthetic_dir, tmp_path):
+  straight, split = tmp_path / "straight", tmp_path / "split"
+  for workdir, total in ((straight, 6), (split, 3), (split, 6)):
+    p = _run(_args(synthetic_dir, total_steps=total), workdir)
+    out = p.communicate(timeout=300)[0]
+    assert p.returncode == 0, out[-3000:]
+  assert "resumed from step 3" in out
+  a, b = _metrics(straight), _metrics(split)
+  assert [m["step"] for m in b] == [1, 2, 3, 4, 5, 6]
+  assert [m["loss"] for m in a] == [m["loss"] for m in b]  # bitwise on CPU
+  pa, pb = _restore_params(str(straight), 6), _restore_params(str(split), 6)
+  for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_sigterm_saves_and_the_next_run_resumes(synthetic_dir, tmp_path):
+  workdir = tmp_path / "w"
+  p = _run(_args(synthetic_dir, total_steps=100000), workdir)
+  lines = []
+  for line in p.stdout:
+    lines.append(line)
+    if line.startswith("step 2:"):
+      p.send_signal(signal.SIGTERM)
+      break
+  out = "".join(lines) + p.communicate(timeout=120)[0]
+  assert p.returncode == 0, out[-3000:]
+  saved = int(out.split("preempted: saved step ")[1].split(",")[0])
+  assert saved >= 2
+  p = _run(_args(synthetic_dir, total_steps=saved + 2), workdir)
+  out = p.communicate(timeout=300)[0]
+  assert p.returncode == 0 and f"resumed from step {saved}" in out, out[-3000:]
+  assert [m["step"] for m in _metrics(workdir)][-2:] == [saved + 1, saved + 2]
+
+
+def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(synthetic_dir, tmp_path):
+  workdir = str(tmp_path)
+  train.train(tiny(synthetic_dir, total_steps=2, checkpoint_every_steps=2), workdir)
+  config = tiny(synthetic_dir, total_steps=6, checkpoint_every_steps=2)
+  config.optimizer.learning_rate = float("inf")
+  with pytest.raises(train.NonFiniteError, match=r"non-finite loss, gradients or update at step "
+                     r"3: stopping. The last good checkpoint is step 2"):
+    train.train(config, workdir)
+  mngr = checkpoint.manager(workdir, 3)
+  assert mngr.all_steps() == [2]
+  mngr.close()
+
+
+def test_bad_overrides_fail_before_compiling_and_name_the_key(synthetic_dir, tmp_path):
+  p = _run(_args(synthetic_dir) + ["--config.no_such_key=1"], tmp_path)
+  out = p.communicate(timeout=120)[0]
+  assert p.returncode != 0 and "no_such_key" in out, out[-2000:]
+  with pytest.raises(ValueError, match=r"config.model.image_size=48 differs from "
+                     r"data.image_size=32"):
+    train.train(tiny(synthetic_dir, **{"model.image_size": 48}), str(tmp_path))
+  with pytest.raises(ValueError, match=r"config.model.mel_bins=128, but the dataset .* has 64"):
+    train.train(tiny(synthetic_dir, **{"model.mel_bins": 128}), str(tmp_path))
+  with pytest.raises(ValueError, match=r"config.data.batch_size=12 is not divisible by the "
+                     r"mesh's batch axes"):
+    train.train(tiny(synthetic_dir, **{"data.batch_size": 12}), str(tmp_path))
+  with pytest.raises(ValueError, match=r"mesh .* needs 16 devices"):
+    train.train(tiny(synthetic_dir, mesh={"data": 16, "fsdp": 1, "tensor": 1}), str(tmp_path))
+
+
+@pytest.mark.parametrize("size", sorted(cav_mae.MODEL_SIZES))
+def test_every_size_builds(size):
+  c = cav_mae.get_config(size)
+  c.data.batch_size = 8
+  boxed = _abstract_state(c, sharding.make_mesh(c.mesh))
+  assert jax.tree.leaves(boxed["params"])
