@@ -28,14 +28,6 @@ from avmae import checkpoint, optim, plots, sharding
 from avmae.data import dataset_info, pipeline
 from avmae.methods import METHODS
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, logs and pictures go here.")
-_COORDINATOR = flags.DEFINE_string("coordinator", None,
-                                   "host:port of process 0, for multi-process runs.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Processes in a multi-process run.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", 0, "This process's index.")
-
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy")
 
 
@@ -165,6 +157,27 @@ def init_state(method, optimizer, batch, seed: int) -> dict[str, Any]:
           "opt_state": optimizer.init(params), "nonfinite_step": -jnp.ones((), jnp.int32)}
 
 
+def zeros_batch(config: ml_collections.ConfigDict) -> dict[str, jax.Array]:
+  """A batch of the config's shapes (what init traces with; no data needed)."""
+  b, m = config.data.batch_size, config.model
+  return {"audio": jnp.zeros((b, m.audio_frames, m.mel_bins)),
+          "frames": jnp.zeros((b, m.image_size, m.image_size, 3)),
+          "valid": jnp.ones((b,), bool)}
+
+
+def state_layout(config: ml_collections.ConfigDict, method, optimizer, mesh):
+  """(abstract state, its shardings): logical names from init, mapped by the config's rules."""
+  rules = tuple(tuple(r) for r in config.sharding_rules)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    boxed = jax.eval_shape(lambda: init_state(method, optimizer, zeros_batch(config),
+                                              config.seed))
+  return sharding.strip_logical_names(boxed), sharding.logical_to_shardings(boxed, mesh, rules)
+
+
+def count_params(params: Any) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+
+
 # ----------------------------------------------------------------------------- main loop
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -192,16 +205,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   method = METHODS[config.method](config)
   schedule = optim.learning_rate_schedule(config.optimizer, config.total_steps, steps_per_epoch)
   optimizer = optim.make_optimizer(config.optimizer, schedule)
-  batch_spec = batches.element_spec()
-  zeros_batch = lambda: {k: jnp.zeros(s.shape, s.dtype) for k, s in batch_spec.items()}
+  abstract, state_shardings = state_layout(config, method, optimizer, mesh)
+  print(f"trainable parameters: {count_params(abstract['params'])}", flush=True)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    boxed = jax.eval_shape(lambda: init_state(method, optimizer, zeros_batch(), config.seed))
-    state_shardings = sharding.logical_to_shardings(boxed, mesh, rules)
-    abstract = sharding.strip_logical_names(boxed)
-    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract["params"]))
-    print(f"trainable parameters: {num_params}", flush=True)
     batch_sharding = sharding.batch_sharding(mesh, config.data.batch_axes)
-    p_init = jax.jit(lambda: nn.meta.unbox(init_state(method, optimizer, zeros_batch(),
+    p_init = jax.jit(lambda: nn.meta.unbox(init_state(method, optimizer, zeros_batch(config),
                                                       config.seed)),
                      out_shardings=state_shardings)
     p_train_step = jax.jit(make_train_step(method, optimizer, schedule, config.seed),
@@ -281,14 +289,23 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   return last_metrics
 
 
+def define_flags() -> None:
+  """Command-line flags, defined only when run as a program (importing defines none)."""
+  config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Checkpoints, logs and pictures go here.",
+                      required=True)
+  flags.DEFINE_string("coordinator", None, "host:port of process 0, for multi-process runs.")
+  flags.DEFINE_integer("num_processes", 1, "Processes in a multi-process run.")
+  flags.DEFINE_integer("process_id", 0, "This process's index.")
+
+
 def main(argv: list[str]) -> None:
   del argv
-  if _NUM_PROCESSES.value > 1:
-    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  if not _WORKDIR.value:
-    raise app.UsageError("--workdir is required")
+  f = flags.FLAGS
+  if f.num_processes > 1:
+    jax.distributed.initialize(f.coordinator, f.num_processes, f.process_id)
   try:
-    train(_CONFIG.value, _WORKDIR.value)
+    train(f.config, f.workdir)
   except NonFiniteError as e:
     logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr, flush=True)
@@ -296,4 +313,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

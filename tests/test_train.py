@@ -57,12 +57,8 @@ def _abstract_state(config, mesh):
   method = METHODS[config.method](config)
   opt = optim.make_optimizer(config.optimizer, optim.learning_rate_schedule(
       config.optimizer, config.total_steps, 10))
-  b, m = config.data.batch_size, config.model
-  batch = {"audio": jnp.zeros((b, m.audio_frames, m.mel_bins)),
-           "frames": jnp.zeros((b, m.image_size, m.image_size, 3)),
-           "valid": jnp.ones((b,), bool)}
   with jax.set_mesh(mesh), nn.logical_axis_rules(config.sharding_rules):
-    return jax.eval_shape(lambda: train.init_state(method, opt, batch, 0))
+    return jax.eval_shape(lambda: train.init_state(method, opt, train.zeros_batch(config), 0))
 
 
 def test_base_has_the_official_parameter_count():
@@ -222,3 +218,15 @@ def test_every_size_builds(size):
   c.data.batch_size = 8
   boxed = _abstract_state(c, sharding.make_mesh(c.mesh))
   assert jax.tree.leaves(boxed["params"])
+
+
+def test_inspect_model_prints_the_table_and_count():
+  out = subprocess.run([sys.executable, "-m", "avmae.inspect_model",
+                        "--config=configs/cav_mae.py:base", "--config.mesh.data=2",
+                        "--config.mesh.fsdp=2", "--config.mesh.tensor=2"], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "trainable parameters: 190129920" in out.stdout
+  assert "mesh {'data': 2, 'fsdp': 2, 'tensor': 2} over 8 cpu device(s)" in out.stdout
+  row = [l for l in out.stdout.splitlines() if l.startswith("blocks_v_3/mlp/fc1/kernel ")]
+  assert row and row[0].split()[1:] == ["(768,", "3072)", "2,359,296", "P(fsdp,", "tensor)"]

@@ -233,13 +233,6 @@ class Batches:
   def __len__(self) -> int:
     return len(self.source)
 
-  def element_spec(self) -> dict[str, jax.ShapeDtypeStruct]:
-    """Shapes and dtypes of the global batches this iterator yields."""
-    example = empty_example(self.source.spec, -1, 0)
-    del example["num_skipped"]
-    return {k: jax.ShapeDtypeStruct((self.global_batch_size,) + np.shape(v), np.asarray(v).dtype)
-            for k, v in example.items()}
-
   def __iter__(self) -> Iterator[dict[str, Any]]:
     return self
 
