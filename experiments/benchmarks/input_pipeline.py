@@ -29,6 +29,7 @@ from avmae import sharding
 from avmae.data import dataset_info, pipeline, schema, tfrecord
 from avmae.data.source import TFRecordSource
 from configs import data as data_config
+from data_prep.make_synthetic import make_synthetic
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("work_dir", None, "Directory for the datasets (default: a temp dir, removed).")
@@ -110,9 +111,6 @@ def train_shards(data_dir: str) -> list[str]:
 
 
 def generate(root: str) -> dict[str, str]:
-  # Imported here: make_synthetic defines flags of its own (--out_dir required) that must not
-  # take part in parsing this program's command line.
-  from data_prep.make_synthetic import make_synthetic
   dirs, gen, index = {}, [], []
   for size, s in SIZES.items():
     dirs[size] = data_dir = os.path.join(root, size)
