@@ -161,7 +161,7 @@ def zeros_batch(config: ml_collections.ConfigDict) -> dict[str, jax.Array]:
   """A batch of the config's shapes (what init traces with; no data needed)."""
   b, m = config.data.batch_size, config.model
   return {"audio": jnp.zeros((b, m.audio_frames, m.mel_bins)),
-          "frames": jnp.zeros((b, m.image_size, m.image_size, 3)),
+          "frames": jnp.zeros((b, m.image_size, m.image_size, 3), jnp.uint8),
           "valid": jnp.ones((b,), bool)}
 
 

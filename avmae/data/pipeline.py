@@ -11,7 +11,8 @@ exactly once. No TensorFlow or torch here.
 
 Batches are dicts:
   audio          float32 [B, audio_frames, mel_bins]   normalised log-mel
-  frames         float32 [B, H, W, 3] (or [B, N, H, W, 3] with all_frames) normalised RGB
+  frames         uint8   [B, H, W, 3] (or [B, N, H, W, 3] with all_frames) RGB; normalised
+                 on the device (augment.normalize_image), a quarter of float32's bytes
   labels         float32 [B, num_classes]              multi-hot
   record_index   int32   [B]                           global record number in the split
   valid          bool    [B]                           False for padding / skipped records
@@ -79,7 +80,7 @@ def _prepare_frame(frame: np.ndarray, spec: ExampleSpec, rng: np.random.Generato
     frame = augment.resize_bilinear(frame, spec.image_size)
   if spec.train and spec.flip:
     frame = augment.random_flip(frame, rng)
-  return augment.normalize_image(frame)
+  return augment.to_uint8(frame)
 
 
 def empty_example(spec: ExampleSpec, record_index: int, num_skipped: int) -> dict[str, Any]:
@@ -87,7 +88,7 @@ def empty_example(spec: ExampleSpec, record_index: int, num_skipped: int) -> dic
   frames_shape = ((spec.frames_per_clip,) if spec.all_frames else ()) + spec.image_size + (3,)
   return {
       "audio": np.zeros((spec.audio_frames, spec.mel_bins), np.float32),
-      "frames": np.zeros(frames_shape, np.float32),
+      "frames": np.zeros(frames_shape, np.uint8),
       "labels": np.zeros((spec.num_classes,), np.float32),
       "record_index": np.int32(record_index),
       "valid": np.bool_(False),
@@ -226,6 +227,9 @@ class Batches:
     self.source = BatchSource(records, example_spec(cfg, info, train), seed, global_batch_size,
                               jax.process_index(), process_count)
     self._num_workers = cfg.num_workers
+    # In worker processes the workers are the parallelism; one reader thread each.
+    self._read_threads = 1 if cfg.num_workers > 0 else cfg.read_threads
+    self._prefetch = cfg.prefetch_batches
     self._iter = None  # made at the first batch, from position `_next`
     self._next = 0
     self.num_skipped = 0
@@ -237,11 +241,15 @@ class Batches:
     return self
 
   def _start(self) -> grain.DatasetIterator:
-    ds = grain.MapDataset.source(self.source)[self._next:].to_iter_dataset()
+    # One source element is a whole batch: a few threads and a few batches in flight per
+    # process (grain's defaults, 16 threads and 500 elements, hold gigabytes at base shapes).
+    ds = grain.MapDataset.source(self.source)[self._next:].to_iter_dataset(
+        grain.ReadOptions(num_threads=self._read_threads, prefetch_buffer_size=self._prefetch))
     if self._num_workers > 0:
       if not flags.FLAGS.is_parsed():  # grain reads absl flags; programs without absl.app
         flags.FLAGS.mark_as_parsed()
-      ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._num_workers))
+      ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+          num_workers=self._num_workers, per_worker_buffer_size=self._prefetch))
     return iter(ds)
 
   def __next__(self) -> dict[str, Any]:

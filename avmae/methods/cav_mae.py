@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from avmae import flops, losses, masking
+from avmae.data.augment import normalize_image
 from avmae.models.cav_mae import CAVMAE
 
 Batch = dict[str, jax.Array]
@@ -35,17 +36,17 @@ def build(config: ml_collections.ConfigDict) -> Method:
             masking.random_mask(key_v, size, model.num_video_tokens, cfg_mask.ratio_v))
 
   def init(key: jax.Array, batch: Batch) -> Any:
-    return model.init(key, batch["audio"], batch["frames"], *masks(batch, key))
+    return model.init(key, batch["audio"], normalize_image(batch["frames"]), *masks(batch, key))
 
   def loss_fn(params: Any, batch: Batch, key: jax.Array):
     """(params, batch, key) -> (loss, metrics); every term in float32."""
     mask_a, mask_v = masks(batch, key)
-    out = model.apply({"params": params}, batch["audio"], batch["frames"], mask_a, mask_v)
+    frames = normalize_image(batch["frames"])  # uint8 from the pipeline
+    out = model.apply({"params": params}, batch["audio"], frames, mask_a, mask_v)
     valid = batch["valid"]
     rec_a = losses.reconstruction_loss(out["pred_a"], losses.patchify_audio(batch["audio"], patch),
                                        mask_a.mask, cfg_loss.norm_pix, valid)
-    rec_v = losses.reconstruction_loss(out["pred_v"],
-                                       losses.patchify_image(batch["frames"], patch),
+    rec_v = losses.reconstruction_loss(out["pred_v"], losses.patchify_image(frames, patch),
                                        mask_v.mask, cfg_loss.norm_pix, valid)
     # Mean-pooled visible tokens after the shared block with modality norms, as official.
     nce, accuracy = losses.contrastive_loss(
@@ -64,12 +65,13 @@ def build(config: ml_collections.ConfigDict) -> Method:
     target patch's own mean and std (as MAE visualisations do).
     """
     mask_a, mask_v = masks(batch, key)
-    out = model.apply({"params": params}, batch["audio"], batch["frames"], mask_a, mask_v)
+    frames = normalize_image(batch["frames"])
+    out = model.apply({"params": params}, batch["audio"], frames, mask_a, mask_v)
     images = {}
     for name, x, pred, mask, patchify, unpatchify in (
         ("audio", batch["audio"], out["pred_a"], mask_a, losses.patchify_audio,
          lambda p: losses.unpatchify_audio(p, patch, model.mel_bins)),
-        ("frames", batch["frames"], out["pred_v"], mask_v, losses.patchify_image,
+        ("frames", frames, out["pred_v"], mask_v, losses.patchify_image,
          lambda p: losses.unpatchify_image(p, patch))):
       target = patchify(x.astype(jnp.float32), patch)
       pred = pred.astype(jnp.float32)
