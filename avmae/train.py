@@ -196,10 +196,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                              global_batch_size=config.data.batch_size, mesh=mesh)
   steps_per_epoch = -(-info["splits"][config.data.train_split]["num_examples"]
                       // config.data.batch_size)
-  with pipeline.Batches(config.data, config.data.eval_split, train=False, seed=config.seed,
-                        global_batch_size=config.data.batch_size, mesh=mesh) as eval_batches:
-    picture_batch = jax.tree.map(lambda x: np.asarray(x)[:4],
-                                 jax.device_get(next(eval_batches)))
+  picture_batch = pipeline.first_examples(config.data, config.data.eval_split, 4)
 
   # --- model ---------------------------------------------------------------------------
   method = METHODS[config.method](config)

@@ -199,6 +199,17 @@ class BatchSource:
     return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
 
+def first_examples(cfg: ml_collections.ConfigDict, split: str, count: int
+                   ) -> dict[str, np.ndarray]:
+  """The first `count` examples of `split` as evaluation prepares them, the same on every
+  process (e.g. a fixed batch to draw reconstructions of)."""
+  info = dataset_info.load(cfg.dir)
+  records = TFRecordSource(dataset_info.shard_paths(cfg.dir, info, split), cfg.skip_corrupt)
+  batch = BatchSource(records, example_spec(cfg, info, train=False), 0, count, 0, 1)[0]
+  del batch["num_skipped"]
+  return batch
+
+
 class Batches:
   """Iterates global batches; `get_state`/`set_state` resume exactly (same next batches).
 

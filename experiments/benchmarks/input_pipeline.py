@@ -19,7 +19,6 @@ import tempfile
 import time
 from typing import Any, Callable, Iterable
 
-import grain
 import jax
 import numpy as np
 import simplejpeg
@@ -47,9 +46,9 @@ SIZES: dict[str, dict[str, Any]] = {
 }
 ACCELERATORS = {"H100 (dense bf16)": 989e12, "TPU v5e": 197e12, "TPU v4": 275e12}
 MFU = 0.4
-# Batches reads through grain's default ReadOptions: in each process (main or worker) this
-# many threads prepare batches, with up to this many batches in flight.
-THREADS, IN_FLIGHT = grain.ReadOptions().num_threads, grain.ReadOptions().prefetch_buffer_size
+# Batches reads with the data config's read threads (one per worker when there are workers)
+# and batches prepared ahead per process.
+THREADS, IN_FLIGHT = data_config.get_config().read_threads, data_config.get_config().prefetch_batches
 
 
 def table(title: str, header: list[str], rows: list[list[Any]]) -> None:
@@ -222,9 +221,8 @@ def pipeline_throughput(dirs: dict[str, str]) -> tuple[float, float]:
         f"{SIZES['base']['batch']} base; {cores} CPU cores\n   start-up: first batch (spawns "
         "grain workers); direct: BatchSource[j] in the main thread, no grain; busy: CPU s / "
         "wall s of\n   this process tree (ours) and of everything else on the machine (other); "
-        "RSS: this process tree after the timed batches\n   Each process (main, or every "
-        f"worker) runs grain's default {THREADS} reader threads with up to {IN_FLIGHT} batches "
-        "in flight;\n   worker rows are timed while the workers fill those buffers",
+        "RSS: this process tree after the timed batches\n   The main process reads with "
+        f"{THREADS} threads, each worker with one; {IN_FLIGHT} batches ahead per process",
         ["dataset", "workers", "output", "timed", "start-up s", "ms/batch", "examples/s",
          f"ex/s/core (/{cores})", "busy ours", "busy other", "RSS GB"], rows)
   return best
