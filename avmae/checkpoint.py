@@ -66,6 +66,8 @@ def load_params(path: str, target: Any) -> Any:
   if not os.path.isdir(state_dir):
     raise ValueError(f"init_checkpoint {path}: neither an .npz nor a checkpoint step "
                      f"directory with a 'state' item")
-  restored = ocp.StandardCheckpointer().restore(
-      state_dir, args=ocp.args.StandardRestore({"params": target}), strict=False)
+  item = {"params": target}
+  restored = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
+      item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+      partial_restore=True))  # only the parameters, not the optimizer state
   return restored["params"]

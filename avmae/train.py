@@ -196,7 +196,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                              global_batch_size=config.data.batch_size, mesh=mesh)
   steps_per_epoch = -(-info["splits"][config.data.train_split]["num_examples"]
                       // config.data.batch_size)
-  picture_batch = pipeline.first_examples(config.data, config.data.eval_split, 4)
 
   # --- model ---------------------------------------------------------------------------
   method = METHODS[config.method](config)
@@ -212,7 +211,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     p_train_step = jax.jit(make_train_step(method, optimizer, schedule, config.seed),
                            in_shardings=(state_shardings, batch_sharding),
                            out_shardings=(state_shardings, None), donate_argnums=(0,))
-    p_reconstruct = jax.jit(method.reconstruct)
+    # Every process holds the same picture batch; replicated in, replicated out.
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    picture_batch = jax.device_put(
+        pipeline.first_examples(config.data, config.data.eval_split, 4), replicated)
+    p_reconstruct = jax.jit(method.reconstruct, out_shardings=replicated)
 
   # --- restore -------------------------------------------------------------------------
   mngr = checkpoint.manager(workdir, config.keep_checkpoints)

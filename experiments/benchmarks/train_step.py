@@ -127,16 +127,20 @@ def main(argv: list[str]) -> None:
   print("\nMFU = analytic FLOPs / step time / devices, over the matmul peak of the step's "
         "compute dtype.\n")
 
-  print(f"{'size':<6}{'batch':>6}{'peak memory / device':>24}{'per example':>14}")
+  print(f"{'size':<6}{'batch':>6}{'peak memory / device':>24}{'per added example':>20}")
   for item in _MEMORY_BATCHES.value:
     size, *batches = item.split(":")
     if size not in _SIZES.value:
       continue
-    for b in batches:
-      _, mesh, _, compiled, state, batch, _ = compile_step(size, int(b))
+    previous = None
+    for b in sorted(int(x) for x in batches):
+      _, mesh, _, compiled, state, batch, _ = compile_step(size, b)
       bytes_ = peak_bytes(compiled)
-      print(f"{size:<6}{int(b):>6}{bytes_ / 2**30:>21.2f} GiB"
-            f"{bytes_ / int(b) * mesh.size / 2**20:>11.1f} MiB")
+      # The state (parameters, Adam moments) is a fixed cost; activations grow per example.
+      marginal = ("" if previous is None else
+                  f"{(bytes_ - previous[1]) / (b - previous[0]) * mesh.size / 2**20:>15.1f} MiB")
+      print(f"{size:<6}{b:>6}{bytes_ / 2**30:>21.2f} GiB{marginal:>20}")
+      previous = (b, bytes_)
       del state, batch, compiled
 
 
