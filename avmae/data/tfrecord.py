@@ -96,8 +96,9 @@ def index_path(shard_path: str) -> str:
   return shard_path + INDEX_SUFFIX
 
 
-def write_index(shard_path: str, offsets: np.ndarray) -> None:
-  size = os.path.getsize(shard_path)
+def write_index(shard_path: str, offsets: np.ndarray, size: int | None = None) -> None:
+  """Writes the index of `shard_path` (whose size is `size`, default: as on disk)."""
+  size = os.path.getsize(shard_path) if size is None else size
   tmp = index_path(shard_path) + ".tmp"
   with open(tmp, "wb") as f:
     f.write(_INDEX_HEADER.pack(_INDEX_MAGIC, size, len(offsets)))
@@ -149,11 +150,16 @@ def iter_records(path: str) -> Iterator[bytes]:
 
 
 class RecordWriter:
-  """Appends framed records to one shard and remembers their offsets for the index."""
+  """Appends framed records to one shard and remembers their offsets for the index.
+
+  Records go to `<path>.tmp`; `close` writes the index and then renames the shard into
+  place, so a killed writer never leaves a shard under its final name that looks complete.
+  """
 
   def __init__(self, path: str):
     self.path = path
-    self._file: BinaryIO = open(path, "wb")
+    self._tmp = path + ".tmp"
+    self._file: BinaryIO = open(self._tmp, "wb")
     self._offsets: list[int] = []
     self._position = 0
 
@@ -167,5 +173,8 @@ class RecordWriter:
     return len(self._offsets)
 
   def close(self) -> None:
+    self._file.flush()
+    os.fsync(self._file.fileno())
     self._file.close()
-    write_index(self.path, np.asarray(self._offsets, dtype=np.int64))
+    write_index(self.path, np.asarray(self._offsets, dtype=np.int64), self._position)
+    os.replace(self._tmp, self.path)
