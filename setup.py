@@ -11,7 +11,7 @@ INSTALL_REQUIRES = [
     "orbax-checkpoint==0.12.8",
     "grain==0.2.18",
     "ml-collections==1.1.0",
-    "protobuf==7.36.2",
+    "protobuf==6.33.6",  # apache-beam (data_prep at scale) needs protobuf < 7
     "google-crc32c==1.9.0",
     "simplejpeg==1.9.0",
     "numpy==2.4.6",
@@ -22,10 +22,13 @@ INSTALL_REQUIRES = [
     "tensorboardX==2.6.5",
 ]
 
+BEAM = ["apache-beam==2.77.0", "pyarrow==25.0.1"]
+
 EXTRAS_REQUIRE = {
     "torch": ["torch==2.13.0"],
+    "beam": BEAM,  # data_prep.build --runner=... (DirectRunner, Dataflow, Flink, Spark)
     # TensorFlow only checks, in tests, that our TFRecords read back with tf.data.
-    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "tensorflow-cpu==2.21.0"],
+    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "tensorflow-cpu==2.21.0", *BEAM],
 }
 
 setup(
