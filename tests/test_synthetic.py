@@ -76,7 +76,7 @@ def test_dataset_info(small):
   assert info["splits"]["eval"]["num_examples"] == len(evals) == 80
   assert len(info["splits"]["train"]["shards"]) == 4 and len(info["splits"]["eval"]["shards"]) == 1
   assert len(info["label_names"]) == len(set(info["label_names"])) == NUM_CLASSES
-  assert info["failures"] == []
+  assert info["failures"] == {"total": 0, "file": "failures.jsonl", "by_reason": {}}
   values = np.concatenate([r["log_mel"].astype(np.float64).ravel() for r in train])
   stats = info["log_mel_stats"]
   assert stats["num_values"] == values.size

@@ -8,8 +8,10 @@ its `ShardSummary` to `DatasetWriter.add_split`).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -18,6 +20,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from avmae.data import dataset_info, schema, tfrecord
+
+FAILURES_FILE = "failures.jsonl"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,12 +148,17 @@ class DatasetWriter:
     if split == self._stats_split and any(s.log_mel_count for s in summaries):
       self._info["log_mel_stats"] = log_mel_stats(summaries, split)
 
-  def finish(self, failures: Sequence[dict[str, Any]] = (), **extra: Any) -> dict[str, Any]:
-    """Writes dataset_info.json; `extra` adds top-level keys (e.g. failure counts)."""
+  def finish(self, failures: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+    """Writes failures.jsonl (one input that could not be converted per line: clip_id, path,
+    reason, message) and dataset_info.json, which counts them by reason."""
     if self._info["log_mel_stats"] is None:
       raise ValueError(f"no clips were written to the {self._stats_split!r} split, so the "
                        "log-mel statistics cannot be computed")
-    self._info["failures"] = list(failures)
-    self._info.update(extra)
+    with open(os.path.join(self.out_dir, FAILURES_FILE), "w") as f:
+      for failure in failures:
+        f.write(json.dumps(failure, sort_keys=True) + "\n")
+    self._info["failures"] = {"total": len(failures), "file": FAILURES_FILE,
+                              "by_reason": dict(sorted(collections.Counter(
+                                  f["reason"] for f in failures).items()))}
     dataset_info.save(self.out_dir, self._info)
     return self._info
