@@ -19,10 +19,10 @@ import jax
 import numpy as np
 
 from avmae import plots, sharding, train
-from avmae.data import dataset_info, pipeline, schema, tfrecord
+from avmae.data import pipeline
 from configs import cav_mae
 from configs import data as data_config
-from data_prep import make_synthetic
+from data_prep import inspect, make_synthetic
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the dataset and pictures go.",
                                required=True)
@@ -37,35 +37,6 @@ def _step(number: int, text: str) -> float:
   return time.perf_counter()
 
 
-def summarize(data_dir: str, info: dict) -> None:
-  feats = info["features"]
-  print(f"  dataset      {data_dir}  (schema v{info['schema_version']})")
-  for split, s in info["splits"].items():
-    print(f"  {split:<12} {s['num_examples']} clips in {len(s['shards'])} shards")
-  print(f"  classes      {len(info['label_names'])}: " + ", ".join(info["label_names"][:4])
-        + (" ..." if len(info["label_names"]) > 4 else ""))
-  print(f"  audio        {feats['log_mel']} log-mel, {feats['mel_bins']} bins, "
-        f"{feats['sample_rate']} Hz; mean {info['log_mel_stats']['mean']:.3f}, "
-        f"std {info['log_mel_stats']['std']:.3f} (train)")
-  print(f"  video        {feats['frames_per_clip']} {feats['video_encoding']} frames of "
-        f"{feats['frame_size'][0]}x{feats['frame_size'][1]} per clip")
-
-
-def read_clips(data_dir: str, info: dict, split: str, count: int) -> list[dict]:
-  """The first record of each class in `split`, decoded with every frame."""
-  path = dataset_info.shard_paths(data_dir, info, split)[0]
-  clips, seen = [], set()
-  for i, data in enumerate(tfrecord.iter_records(path)):
-    clip = schema.decode_example(data, f"{path} record {i}")
-    label = int(clip["labels"][0])
-    if label not in seen:
-      seen.add(label)
-      clips.append({**clip, "title": f"{clip['clip_id']}: {info['label_names'][label]}"})
-    if len(clips) == count:
-      break
-  return clips
-
-
 def main(argv: list[str]) -> None:
   del argv
   workdir = _WORKDIR.value
@@ -75,7 +46,7 @@ def main(argv: list[str]) -> None:
   start = _step(1, f"making the synthetic dataset in {data_dir}")
   info = make_synthetic.make_synthetic(data_dir, seed=_SEED.value)
   print(f"  done in {time.perf_counter() - start:.1f} s")
-  summarize(data_dir, info)
+  inspect.summarize(data_dir, info)
 
   start = _step(2, f"reading it back through the pipeline on {jax.device_count()} device(s)")
   cfg = data_config.get_config(data_dir)
@@ -99,7 +70,7 @@ def main(argv: list[str]) -> None:
 
   _step(3, "drawing a few clips")
   picture = os.path.join(workdir, "clips.png")
-  plots.plot_clips(read_clips(data_dir, info, "train", 4), picture)
+  plots.plot_clips(inspect.read_clips(data_dir, info, "train", 4), picture)
   print(f"  saved {picture}")
 
   start = _step(4, f"pretraining the tiny CAV-MAE for {_STEPS.value} steps")
