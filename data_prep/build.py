@@ -217,6 +217,7 @@ def define_flags() -> None:
   flags.DEFINE_string("runner", "local", "local, or an Apache Beam runner: DirectRunner, "
                       "DataflowRunner, FlinkRunner, SparkRunner (needs the 'beam' extra).")
   flags.DEFINE_string("name", "avmae", "Dataset name in dataset_info.json.")
+  flags.DEFINE_bool("tfds", True, "Also write DIR/tfds/ for tfds.builder_from_directory.")
   defaults = BuildOptions()
   for field in dataclasses.fields(BuildOptions):
     define = {int: flags.DEFINE_integer, float: flags.DEFINE_float, str: flags.DEFINE_string,
@@ -246,6 +247,9 @@ def main(argv: list[str]) -> None:
     from data_prep import beam_build  # apache-beam is an optional dependency
     info = beam_build.build(manifest, f.out_dir, options, shards, f.runner, argv[1:], f.split,
                             f.name)
+  if f.tfds:
+    from data_prep import tfds_view  # imports TensorFlow
+    tfds_view.write(f.out_dir)
   counts = {s: v["num_examples"] for s, v in info["splits"].items()}
   print(f"[build] wrote {counts} to {f.out_dir} in {time.monotonic() - start:.1f} s; "
         f"failures: {info['failures']['by_reason'] or 'none'}")
