@@ -42,9 +42,10 @@ class BuildOptions:
   frame_size: int = 224
   jpeg_quality: int = 90
   video_encoding: str = "jpeg"
-  mono: str = "first"
+  mono: str = "mix"  # CAV-MAE/AST: ffmpeg -ac 1 averages the channels
   min_seconds: float = 1.0
   require_video: bool = True
+  require_audio: bool = True
 
   def features(self) -> dict[str, Any]:
     return {"sample_rate": self.sample_rate, "mel_bins": self.mel_bins,
@@ -56,7 +57,8 @@ class BuildOptions:
     return media.DecodeOptions(sample_rate=self.sample_rate, mono=self.mono,
                                num_frames=self.num_frames, frame_size=self.frame_size,
                                min_seconds=self.min_seconds,
-                               require_video=self.require_video)
+                               require_video=self.require_video,
+                               require_audio=self.require_audio)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,7 +206,7 @@ def parse_shards(text: str) -> dict[str, int]:
 def define_flags() -> None:
   """Command-line flags (only when run as a program)."""
   flags.DEFINE_string("manifest", None, "AudioSet/VGGSound CSV, CAV-MAE JSON or path,labels CSV.")
-  flags.DEFINE_enum("manifest_format", "auto", ["auto", *sorted(manifests.FORMATS)],
+  flags.DEFINE_enum("manifest_format", "auto", sorted({"auto", *manifests.FORMATS}),
                     "Manifest format; auto detects it.")
   flags.DEFINE_string("label_csv", None, "AudioSet class_labels_indices.csv (MID -> name).")
   flags.DEFINE_string("media_root", None, "Where the manifest's media files are found.")
@@ -233,7 +235,7 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"--log_mel={f.log_mel}: one of {sorted(features.LOG_MEL_FUNCTIONS)}")
   options = BuildOptions(**{fl.name: f[fl.name].value for fl in dataclasses.fields(BuildOptions)})
   if f.manifest:
-    manifest = manifests.load_manifest(f.manifest, f.media_root or os.path.dirname(f.manifest),
+    manifest = manifests.load_manifest(f.manifest, f.media_root or os.path.dirname(f.manifest) or ".",
                                        f.manifest_format, f.label_csv)
   else:
     manifest = manifests.load_media_dir(f.media_dir)

@@ -1,18 +1,18 @@
 """Clip lists in the formats of AudioSet, VGGSound, CAV-MAE and plain CSVs, read into one form.
 
-load_manifest(path, media_root) reads a list of clips and finds each clip's media file in an index
-of media_root (file stem -> path, built once; when several media files share a stem, video beats
-audio in MEDIA_EXTENSIONS order, then the first path in sort order):
+load_manifest(path, media_root) finds each clip's media file in an index of media_root built once
+(file stem -> path; among files sharing a stem, the earlier extension in MEDIA_EXTENSIONS wins, so
+video beats audio, then the first path in sort order):
 - audioset (YTID, start, end): stem "{YTID}_{start in ms}" or "{YTID}_{start:.1f}" is the cut
-  segment (whole file: start/end None); else stem "{YTID}" is the full video, cut at [start, end).
+  segment (the whole file: start/end None); else stem "{YTID}" is the video, cut at [start, end).
 - vggsound (ytid, start): stem "{ytid}_{start:06d}" or "{ytid}_{start}" is the 10 s cut; else
-  stem "{ytid}" is the full video, cut at [start, start + 10).
-- cavmae (video_id): stem "{video_id}", else the only stem "{video_id}_<number>" (CAV-MAE ids
-  carry no start time); else the entry's "wav" when that file exists. That is audio only: CAV-MAE
-  kept extracted audio and frame folders, and the frames cannot be used in place of the video.
-- plain (header path,labels[,start,end,clip_id,split]): the path, relative ones under media_root.
-load_media_dir(dir) lists a folder tree whose folder names are the labels.
-Rows that cannot be used are kept in Manifest.problems with their line and reason, never dropped.
+  stem "{ytid}" is the video, cut at [start, start + 10).
+- cavmae (video_id): stem "{video_id}", else the only stem "{video_id}_<number>" (the ids carry no
+  start time); else the entry's "wav" if that file exists, audio only: CAV-MAE kept extracted
+  audio and frame folders, not the videos.
+- plain (header path,labels[,start,end,clip_id,split]): the path; relative ones under media_root.
+load_media_dir(dir) lists a folder tree whose folder names are the labels. Rows that cannot be
+used are kept in Manifest.problems with their line and reason, never dropped silently.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import math
 import os
 import re
 from typing import Any, Callable, Iterable, Iterator
@@ -29,7 +28,9 @@ MEDIA_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4a", ".wav", ".f
                     ".ogg")
 VGGSOUND_SECONDS = 10
 PLAIN_COLUMNS = ("path", "labels", "start", "end", "clip_id", "split")
-_MID_FORMATS = ("audioset", "cavmae")  # labels are ontology MIDs: the vocabulary is label_csv
+_MID_FORMATS = ("audioset", "cavmae")  # labels are ontology MIDs, named by label_csv
+_SPLIT_FORMATS = ("plain", "vggsound")  # the others have no split to filter by
+_NUMBER = re.compile(r"\d+\.?\d*|\.\d+").fullmatch  # seconds: no sign, exponent, nan or inf
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,8 +46,8 @@ class ClipSpec:
 
 @dataclasses.dataclass(frozen=True)
 class Manifest:
-  """Clips sorted by clip_id; problems are {"line", "row", "reason"} in file order ("line" is
-  the entry number in a CAV-MAE JSON's data list, None for load_media_dir)."""
+  """Clips sorted by clip_id; problems {"line", "row", "reason"} in file order ("line" is the
+  entry number in a CAV-MAE data list, None for load_media_dir)."""
   clips: tuple[ClipSpec, ...]
   label_names: tuple[str, ...]
   problems: tuple[dict, ...]
@@ -56,12 +57,12 @@ class _RowError(ValueError):
   """A row that cannot be used; the message is its reason in Manifest.problems."""
 
 
-Record = tuple[int | None, str, Any]  # (line, raw text, parsed row)
+_Record = tuple[int | None, str, Any]  # (line, raw text, parsed row)
 
 
-def _collect(records: Iterable[Record], parse: Callable[[Any], ClipSpec | None],
+def _collect(records: Iterable[_Record], parse: Callable[[Any], ClipSpec | None],
              label_names: Iterable[str]) -> Manifest:
-  """Parses each record; of rows with one clip id, the first usable one wins."""
+  """Parses each record; of the rows with one clip id, the first usable one wins."""
   clips: dict[str, ClipSpec] = {}
   problems = []
   for line, raw, row in records:
@@ -72,13 +73,14 @@ def _collect(records: Iterable[Record], parse: Callable[[Any], ClipSpec | None],
     except _RowError as e:
       problems.append({"line": line, "row": raw, "reason": str(e)})
     else:
-      clips.update({clip.clip_id: clip} if clip else {})
+      if clip is not None:
+        clips[clip.clip_id] = clip
   return Manifest(tuple(clips[k] for k in sorted(clips)), tuple(label_names), tuple(problems))
 
 
-def _rows(path: str, comments: bool = False) -> Iterator[Record]:
-  """CSV rows (fields stripped) with the line they start on and their text; blank lines skipped,
-  and '#' comment lines when comments is set."""
+def _rows(path: str, comments: bool = False) -> Iterator[_Record]:
+  """Non-blank CSV rows (fields stripped) with their first line and text; with comments, lines
+  starting with '#' are skipped."""
   with open(path, encoding="utf-8-sig", newline="") as f:
     lines = f.readlines()
   # Comments become blank lines, so reader.line_num still counts the file's lines.
@@ -98,13 +100,9 @@ def _check_fields(fields: list[str], n: int) -> None:
 
 
 def _number(text: str, what: str) -> float:
-  try:
-    value = float(text)
-  except ValueError:
-    value = math.nan
-  if not math.isfinite(value) or value < 0:
+  if not _NUMBER(text):  # a regex, as float() also takes "nan", "-1" and "1e9"
     raise _RowError(f"bad {what} {text!r}")
-  return value
+  return float(text)
 
 
 def _segment(start: str, end: str, required: bool = False) -> tuple[float | None, float | None]:
@@ -118,36 +116,29 @@ def _segment(start: str, end: str, required: bool = False) -> tuple[float | None
 
 def _media_files(root: str) -> list[str]:
   """Sorted paths, relative to root, of the media files under it."""
-  found = []
-  for dirpath, _, filenames in os.walk(root):
-    found += [os.path.relpath(os.path.join(dirpath, n), root) for n in filenames
-              if os.path.splitext(n)[1].lower() in MEDIA_EXTENSIONS]
-  return sorted(found)
+  return sorted(os.path.relpath(os.path.join(d, n), root) for d, _, names in os.walk(root)
+                for n in names if os.path.splitext(n)[1].lower() in MEDIA_EXTENSIONS)
 
 
 def _media_index(root: str) -> dict[str, str]:
-  """File stem -> absolute path; for a shared stem the earlier extension in MEDIA_EXTENSIONS."""
-  def rank(rel: str) -> tuple[int, str]:
-    return MEDIA_EXTENSIONS.index(os.path.splitext(rel)[1].lower()), rel
+  """File stem -> absolute path of the media files under root."""
   index: dict[str, str] = {}
-  for rel in sorted(_media_files(root), key=rank):
-    stem = os.path.splitext(os.path.basename(rel))[0]
-    index.setdefault(stem, os.path.abspath(os.path.join(root, rel)))
-  return index
+  for rel in sorted(_media_files(root),
+                    key=lambda r: (MEDIA_EXTENSIONS.index(os.path.splitext(r)[1].lower()), r)):
+    index.setdefault(os.path.splitext(os.path.basename(rel))[0], os.path.join(root, rel))
+  return {stem: os.path.abspath(p) for stem, p in index.items()}
 
 
 def _find(index: dict[str, str], cut_stems: list[str], whole_stem: str) -> tuple[str, bool]:
-  """The first cut-segment stem found, else the whole video's; and whether the file is cut."""
-  for stem in cut_stems:
-    if stem in index:
-      return index[stem], True
-  if whole_stem in index:
-    return index[whole_stem], False
-  raise _RowError("missing media")
+  """The file of the first cut-segment stem, else of the whole video's; and whether it is cut."""
+  found = [(index[s], s != whole_stem) for s in (*cut_stems, whole_stem) if s in index]
+  if not found:
+    raise _RowError("missing media")
+  return found[0]
 
 
 def _clip_id(file: str, root: str) -> str:
-  """Path relative to root (or absolute, when outside it) without extension, '/'-separated."""
+  """Path relative to root (absolute when outside it) without extension, '/'-separated."""
   rel = os.path.relpath(file, os.path.abspath(root))
   rel = file if rel.split(os.sep)[0] == os.pardir else rel
   return os.path.splitext(rel)[0].replace(os.sep, "/")
@@ -157,19 +148,14 @@ def load_label_csv(path: str) -> tuple[tuple[str, ...], dict[str, int]]:
   """AudioSet class_labels_indices.csv (index,mid,display_name) -> (names by index, mid -> id)."""
   with open(path, encoding="utf-8-sig", newline="") as f:
     rows = list(csv.DictReader(f, skipinitialspace=True))
-  names: dict[int, str] = {}
-  ids: dict[str, int] = {}
-  for n, row in enumerate(rows, start=1):
-    try:
-      i, mid, name = int(row["index"]), row["mid"].strip(), row["display_name"].strip()
-    except (KeyError, AttributeError, TypeError, ValueError):
-      raise ValueError(f"{path}: row {n}: expected index,mid,display_name, got {row}") from None
-    if i in names or mid in ids:
-      raise ValueError(f"{path}: row {n}: index {i} or mid {mid} repeats")
-    names[i], ids[mid] = name, i
-  if sorted(names) != list(range(len(names))):
-    raise ValueError(f"{path}: indices are not 0..{len(names) - 1}")
-  return tuple(names[i] for i in range(len(names))), ids
+  try:
+    by_index = {int(r["index"]): (r["mid"].strip(), r["display_name"].strip()) for r in rows}
+  except (KeyError, AttributeError, ValueError):
+    raise ValueError(f"{path}: expected rows index,mid,display_name after a header") from None
+  mids = {mid: i for i, (mid, _) in by_index.items()}
+  if sorted(by_index) != list(range(len(rows))) or len(mids) != len(rows):
+    raise ValueError(f"{path}: indices must be 0..{len(rows) - 1} and mids unique")
+  return tuple(by_index[i][1] for i in range(len(rows))), mids
 
 
 def _mid_labels(text: str, ids: dict[str, int]) -> tuple[int, ...]:
@@ -201,8 +187,7 @@ def _vggsound(path: str, media_root: str, label_csv: str, split: str | None) -> 
   records = list(_rows(path))
   # The vocabulary spans the whole file, so every split (and split filter) shares the label ids.
   names = sorted({f[2] for _, _, f in records if len(f) == 4 and f[2]})
-  ids = {name: i for i, name in enumerate(names)}
-  index = _media_index(media_root)
+  ids, index = {n: i for i, n in enumerate(names)}, _media_index(media_root)
 
   def parse(f: list[str]) -> ClipSpec | None:
     _check_fields(f, 4)
@@ -229,27 +214,28 @@ def _cavmae(path: str, media_root: str, label_csv: str, split: str | None) -> Ma
   if not isinstance(data, dict) or not isinstance(data.get("data"), list):
     raise ValueError(f'{path}: expected {{"data": [...]}} (CAV-MAE format)')
   index = _media_index(media_root)
-  cut: dict[str, list[str]] = {}  # "{video_id}_<number>" stems by video_id
+  cut: dict[str, list[str]] = {}  # files of stems "{video_id}_<number>", by video_id
   for stem, file in sorted(index.items()):
-    match = re.fullmatch(r"(.+)_\d+(\.\d+)?", stem)
-    if match:
+    if match := re.fullmatch(r"(.+)_\d+(\.\d+)?", stem):
       cut.setdefault(match.group(1), []).append(file)
 
   def parse(entry: Any) -> ClipSpec:
-    vid = entry.get("video_id") if isinstance(entry, dict) else None
-    if not vid or not isinstance(vid, str) or not isinstance(entry.get("labels", ""), str):
-      raise _RowError("expected an object with a video_id and labels strings")
-    labels = _mid_labels(entry.get("labels", ""), ids)
+    vid, labels, wav = (entry.get(k) for k in ("video_id", "labels", "wav"))
+    if not (vid and isinstance(vid, str) and isinstance(labels, str)):
+      raise _RowError("expected video_id and labels strings")
+    label_ids = _mid_labels(labels, ids)
     found = [index[vid]] if vid in index else cut.get(vid, [])
-    wav = entry.get("wav")
-    wav = os.path.join(media_root, wav) if wav and isinstance(wav, str) else ""  # keeps absolute
     if len(found) > 1:
       raise _RowError("ambiguous media: " + ", ".join(found))
-    if not found and not os.path.isfile(wav):
+    if not found and isinstance(wav, str) and wav:
+      found = [os.path.abspath(os.path.join(media_root, wav))]  # join keeps absolute paths
+    if not found or not os.path.isfile(found[0]):
       raise _RowError("missing media")
-    return ClipSpec(vid, found[0] if found else os.path.abspath(wav), None, None, labels)
+    return ClipSpec(vid, found[0], None, None, label_ids)
 
-  return _collect(((n, json.dumps(e, sort_keys=True), e) for n, e in enumerate(data["data"], 1)), parse, names)
+  entries = enumerate(data["data"], start=1)
+  return _collect(((n, json.dumps(e, sort_keys=True), e if isinstance(e, dict) else {})
+                   for n, e in entries), parse, names)
 
 
 def _plain(path: str, media_root: str, label_csv: str, split: str | None) -> Manifest:
@@ -261,16 +247,18 @@ def _plain(path: str, media_root: str, label_csv: str, split: str | None) -> Man
                      f"{','.join(PLAIN_COLUMNS[2:])}, each once")
   if split is not None and "split" not in header:
     raise ValueError(f"{path}: no split column to filter by split={split!r}")
+  rows = [(line, raw, dict(zip(header, f)) if len(f) == len(header) else f)
+          for line, raw, f in records[1:]]
 
-  def label_names(f: list[str]) -> set[str]:
-    return {n.strip() for n in re.split(r"[;|]", f[header.index("labels")]) if n.strip()}
+  def label_names(row: dict[str, str]) -> set[str]:
+    return {n.strip() for n in re.split(r"[;|]", row["labels"]) if n.strip()}
 
-  names = sorted(set().union(*(label_names(f) for _, _, f in records[1:] if len(f) == len(header))))
+  names = sorted(set().union(*(label_names(r) for _, _, r in rows if isinstance(r, dict))))
   ids = {name: i for i, name in enumerate(names)}
 
-  def parse(f: list[str]) -> ClipSpec | None:
-    _check_fields(f, len(header))
-    row = dict(zip(header, f))
+  def parse(row: dict[str, str] | list[str]) -> ClipSpec | None:
+    if isinstance(row, list):
+      _check_fields(row, len(header))
     if split is not None and row["split"] != split:
       return None
     if not row["path"]:
@@ -279,11 +267,11 @@ def _plain(path: str, media_root: str, label_csv: str, split: str | None) -> Man
     file = os.path.abspath(os.path.join(media_root, row["path"]))  # join keeps absolute paths
     if not os.path.isfile(file):
       raise _RowError("missing media")
-    labels = tuple(sorted(ids[n] for n in label_names(f)))
+    labels = tuple(sorted(ids[n] for n in label_names(row)))
     clip_id = row.get("clip_id") or _clip_id(file, media_root)
     return ClipSpec(clip_id, file, start, end, labels, row.get("split") or None)
 
-  return _collect(records[1:], parse, names)
+  return _collect(rows, parse, names)
 
 
 def load_media_dir(media_dir: str) -> Manifest:
@@ -303,52 +291,42 @@ def load_media_dir(media_dir: str) -> Manifest:
 
 
 _PARSERS: dict[str, Callable[[str, str, str, str | None], Manifest]] = {
-    "audioset": _audioset, "vggsound": _vggsound, "cavmae": _cavmae, "plain": _plain,
+    "audioset": _audioset, "cavmae": _cavmae, "plain": _plain, "vggsound": _vggsound,
     "media_dir": lambda path, media_root, label_csv, split: load_media_dir(path)}
-FORMATS = ("auto", *sorted(_PARSERS))
-_SPLIT_FORMATS = ("vggsound", "plain")  # the others have no split to filter by
-
-
-def _is_number(text: str) -> bool:
-  try:
-    return math.isfinite(float(text))
-  except ValueError:
-    return False
-
-
-# First row (raw text, fields) -> format, tried in order.
-_DETECTORS: tuple[tuple[str, Callable[[str, list[str]], bool]], ...] = (
-    ("plain", lambda raw, f: {"path", "labels"} <= {c.lower() for c in f}),
-    ("audioset", lambda raw, f: raw.startswith("#") or (
-        len(f) == 4 and _is_number(f[1]) and _is_number(f[2]))),
-    ("vggsound", lambda raw, f: len(f) == 4 and _is_number(f[1])),
-)
+FORMATS = tuple(sorted(_PARSERS))  # load_manifest also takes "auto"
+# A CSV's format from its first row (raw text, fields): the first that matches.
+_DETECTORS: dict[str, Callable[[str, list[str]], bool]] = {
+    "plain": lambda raw, f: {"path", "labels"} <= {c.lower() for c in f},
+    "audioset": lambda raw, f: raw.startswith("#") or (
+        len(f) == 4 and bool(_NUMBER(f[1]) and _NUMBER(f[2]))),
+    "vggsound": lambda raw, f: len(f) == 4 and bool(_NUMBER(f[1])),
+}
 
 
 def detect_format(path: str) -> str:
-  """The format of a manifest: a folder is media_dir, .json is cavmae, else by the first row."""
+  """A folder is media_dir, a .json file cavmae, a CSV is told by its first row."""
   if os.path.isdir(path):
     return "media_dir"
   if path.lower().endswith(".json"):
     return "cavmae"
   _, raw, fields = next(_rows(path), (None, "", []))
-  for name, matches in _DETECTORS:
-    if matches(raw, fields):
-      return name
-  raise ValueError(f"{path}: cannot tell the manifest format; pass format= one of "
-                   f"{', '.join(FORMATS[1:])}")
+  found = [name for name, matches in _DETECTORS.items() if matches(raw, fields)]
+  if not found:
+    raise ValueError(f"{path}: cannot tell the manifest format; pass format= one of "
+                     f"{', '.join(FORMATS)}")
+  return found[0]
 
 
 def load_manifest(path: str, media_root: str | None, format: str = "auto",
                   label_csv: str | None = None, split: str | None = None) -> Manifest:
-  """Reads a clip list (format: one of FORMATS) and finds its media files under media_root."""
-  if format not in FORMATS:
-    raise ValueError(f"unknown manifest format {format!r}; valid: {', '.join(FORMATS)}")
+  """Reads a clip list (format: "auto" or one of FORMATS); media files are under media_root."""
+  if format not in ("auto", *FORMATS):
+    raise ValueError(f"unknown manifest format {format!r}; valid: auto, {', '.join(FORMATS)}")
   fmt = detect_format(path) if format == "auto" else format
-  # Arguments a format cannot use are errors, not silently ignored.
+  # Arguments that a format cannot use are errors, not silently ignored.
   if (label_csv is None) == (fmt in _MID_FORMATS):
     raise ValueError(f"label_csv (class_labels_indices.csv) is needed by, and only by, formats "
-                     f"{', '.join(_MID_FORMATS)} (this is {fmt})")
+                     f"{', '.join(_MID_FORMATS)}; this is {fmt}")
   if split is not None and fmt not in _SPLIT_FORMATS:
     raise ValueError(f"format {fmt} has no splits to filter by split={split!r}")
   if fmt != "media_dir" and not (media_root and os.path.isdir(media_root)):
