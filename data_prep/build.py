@@ -101,12 +101,22 @@ def failure(clip: manifests.ClipSpec, reason: str, message: str) -> dict[str, st
   return {"clip_id": clip.clip_id, "path": clip.path, "reason": reason, "message": message}
 
 
+def _fingerprint(task: ShardTask) -> dict[str, Any]:
+  """What decided a shard's bytes: a finished shard is reused only for the same task."""
+  return {"options": dataclasses.asdict(task.options),
+          "clips": [dataclasses.asdict(c) for c in task.clips]}
+
+
 def run_shard(task: ShardTask, progress=None) -> dict[str, Any]:
   """Writes one shard (or reads back its summary when a previous run finished it)."""
   done = os.path.join(task.out_dir, task.name + DONE_SUFFIX)
   if os.path.exists(done) and os.path.exists(os.path.join(task.out_dir, task.name)):
     with open(done) as f:
       summary = json.load(f)
+    if summary["task"] != _fingerprint(task):
+      raise ValueError(
+          f"{done}: this shard was built from other clips or options than this run's; "
+          "use a new --out_dir, or delete the old shards to rebuild them")
     if progress is not None:
       progress.put(len(task.clips))
     return summary
@@ -122,7 +132,8 @@ def run_shard(task: ShardTask, progress=None) -> dict[str, Any]:
       failures.append(failure(clip, "error", f"{type(e).__name__}: {e}"))
     if progress is not None:
       progress.put(1)
-  summary = {"shard": dataclasses.asdict(shard.close()), "failures": failures}
+  summary = {"shard": dataclasses.asdict(shard.close()), "failures": failures,
+             "task": _fingerprint(task)}
   tmp = done + ".tmp"
   with open(tmp, "w") as f:
     json.dump(summary, f)
@@ -235,8 +246,8 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"--log_mel={f.log_mel}: one of {sorted(features.LOG_MEL_FUNCTIONS)}")
   options = BuildOptions(**{fl.name: f[fl.name].value for fl in dataclasses.fields(BuildOptions)})
   if f.manifest:
-    manifest = manifests.load_manifest(f.manifest, f.media_root or os.path.dirname(f.manifest) or ".",
-                                       f.manifest_format, f.label_csv)
+    media_root = f.media_root or os.path.dirname(f.manifest) or "."
+    manifest = manifests.load_manifest(f.manifest, media_root, f.manifest_format, f.label_csv)
   else:
     manifest = manifests.load_media_dir(f.media_dir)
   print(f"[build] {len(manifest.clips)} clips, {len(manifest.label_names)} labels, "
