@@ -103,8 +103,8 @@ def failure(clip: manifests.ClipSpec, reason: str, message: str) -> dict[str, st
 
 def _fingerprint(task: ShardTask) -> dict[str, Any]:
   """What decided a shard's bytes: a finished shard is reused only for the same task."""
-  return {"options": dataclasses.asdict(task.options),
-          "clips": [dataclasses.asdict(c) for c in task.clips]}
+  return json.loads(json.dumps({"options": dataclasses.asdict(task.options),  # as stored
+                                "clips": [dataclasses.asdict(c) for c in task.clips]}))
 
 
 def run_shard(task: ShardTask, progress=None) -> dict[str, Any]:
