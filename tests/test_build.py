@@ -197,3 +197,28 @@ def test_the_trainer_trains_on_the_output(built, tmp_path):
   config.image_every_steps = config.checkpoint_every_steps = 2
   metrics = train.train(config, str(tmp_path))
   assert np.isfinite(metrics["loss"])
+
+
+def test_inspect_and_verify_tools(built, tmp_path):
+  out, _ = built
+  copy = shutil.copytree(out, tmp_path / "copy")
+  result = subprocess.run([sys.executable, "-m", "data_prep.inspect", str(copy)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "train        4 clips in 3 shards" in result.stdout
+  assert "failures     5: corrupt 1" in result.stdout or "failures     5: empty 1" in result.stdout
+  assert "no_audio" in result.stdout and (copy / "inspect.png").stat().st_size > 10_000
+  result = subprocess.run([sys.executable, "-m", "data_prep.verify", str(copy)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0 and "0 problems" in result.stdout, result.stdout
+  # Damage one record: verify names it and fails.
+  shard = next(p for p in dataset_info.shard_paths(str(copy), dataset_info.load(str(copy)),
+                                                   "train") if len(tfrecord.read_index(p)) > 1)
+  offsets = tfrecord.read_index(shard)
+  with open(shard, "r+b") as f:
+    f.seek(int(offsets[0]) + 40)
+    f.write(b"\x00\x01\x02\x03")
+  result = subprocess.run([sys.executable, "-m", "data_prep.verify", str(copy)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 1
+  assert f"PROBLEM {shard} record 0 at byte offset 0: CRC mismatch" in result.stdout
