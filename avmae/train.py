@@ -213,8 +213,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                            out_shardings=(state_shardings, None), donate_argnums=(0,))
     # Every process holds the same picture batch; replicated in, replicated out.
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    picture_split = (config.data.eval_split if config.data.eval_split in info["splits"]
+                     else config.data.train_split)  # datasets without an eval split
     picture_batch = jax.device_put(
-        pipeline.first_examples(config.data, config.data.eval_split, 4), replicated)
+        pipeline.first_examples(config.data, picture_split, 4), replicated)
     p_reconstruct = jax.jit(method.reconstruct, out_shardings=replicated)
 
   # --- restore -------------------------------------------------------------------------

@@ -93,8 +93,10 @@ def convert_clip(clip: manifests.ClipSpec, options: BuildOptions) -> dict[str, A
 
 
 def _source(clip: manifests.ClipSpec) -> str:
-  window = "" if clip.start is None else f"@{clip.start:.3f}-{'' if clip.end is None else f'{clip.end:.3f}'}"
-  return clip.path + window
+  """The media path, with the segment when one was cut: "path@12.000-22.000"."""
+  if clip.start is None:
+    return clip.path
+  return f"{clip.path}@{clip.start:.3f}-" + ("" if clip.end is None else f"{clip.end:.3f}")
 
 
 def failure(clip: manifests.ClipSpec, reason: str, message: str) -> dict[str, str]:
