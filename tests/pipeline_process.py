@@ -30,7 +30,8 @@ def main() -> None:
                         mesh=mesh) as batches:
     for step in range(6):
       batch = next(batches)
-      assert batch["audio"].shape == (8, 16, 16) and len(batch["audio"].addressable_shards) == 8 // int(count)
+      assert batch["audio"].shape == (8, 16, 16)
+      assert len(batch["audio"].addressable_shards) == 8 // int(count)
       for key, value in batch.items():
         results[f"{key}_{step}"] = multihost_utils.process_allgather(value, tiled=True)
   if int(process_id) == 0:

@@ -29,7 +29,8 @@ def test_demo_runs(tmp_path):
   assert out.returncode == 0, out.stderr[-3000:]
   assert "train        512 clips in 4 shards" in out.stdout
   assert "one epoch: 512 examples" in out.stdout
-  assert "examples per class: {0: 64, 1: 64, 2: 64, 3: 64, 4: 64, 5: 64, 6: 64, 7: 64}" in out.stdout
+  assert ("examples per class: {0: 64, 1: 64, 2: 64, 3: 64, 4: 64, 5: 64, 6: 64, 7: 64}"
+          in out.stdout)
   assert "[4/4] pretraining the tiny CAV-MAE for 20 steps" in out.stdout
   summary = json.loads((tmp_path / "summary.json").read_text())
   assert summary["final"]["loss"] < summary["first"]["loss"]

@@ -20,7 +20,8 @@ def main(argv: list[str]) -> None:
   data_dir = argv[1]
   if os.path.exists(os.path.join(data_dir, dataset_info.FILENAME)):
     info = dataset_info.load(data_dir)
-    shards = [p for split in info["splits"] for p in dataset_info.shard_paths(data_dir, info, split)]
+    shards = [p for split in info["splits"]
+              for p in dataset_info.shard_paths(data_dir, info, split)]
   else:
     shards = sorted(glob.glob(os.path.join(data_dir, "*.tfrecord*[0-9]")))
   start, total = time.perf_counter(), 0

@@ -48,7 +48,8 @@ ACCELERATORS = {"H100 (dense bf16)": 989e12, "TPU v5e": 197e12, "TPU v4": 275e12
 MFU = 0.4
 # Batches reads with the data config's read threads (one per worker when there are workers)
 # and batches prepared ahead per process.
-THREADS, IN_FLIGHT = data_config.get_config().read_threads, data_config.get_config().prefetch_batches
+_DATA = data_config.get_config()
+THREADS, IN_FLIGHT = _DATA.read_threads, _DATA.prefetch_batches
 
 
 def table(title: str, header: list[str], rows: list[list[Any]]) -> None:
