@@ -23,12 +23,15 @@ INSTALL_REQUIRES = [
 ]
 
 BEAM = ["apache-beam==2.77.0", "pyarrow==25.0.1"]
+KALDI_NATIVE = ["kaldi-native-fbank==1.22.4"]  # log_mel kind "kaldi_native"
 
 EXTRAS_REQUIRE = {
     "torch": ["torch==2.13.0"],
-    "beam": BEAM,  # data_prep.build --runner=... (DirectRunner, Dataflow, Flink, Spark)
+    "beam": BEAM,
+    "kaldi_native": KALDI_NATIVE,  # data_prep.build --runner=... (DirectRunner, Dataflow, Flink, Spark)
     # TensorFlow only checks, in tests, that our TFRecords read back with tf.data.
-    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "tensorflow-cpu==2.21.0", *BEAM],
+    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "tensorflow-cpu==2.21.0", *BEAM,
+             *KALDI_NATIVE],
 }
 
 setup(

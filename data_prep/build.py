@@ -25,6 +25,7 @@ import time
 from typing import Any, Iterable, Sequence
 
 from absl import app, flags
+import numpy as np
 
 from avmae.data import dataset_info, features, writer
 from data_prep import manifests, media
@@ -246,6 +247,8 @@ def main(argv: list[str]) -> None:
     raise app.UsageError("give exactly one of --manifest (with --media_root) or --media_dir")
   if f.log_mel not in features.LOG_MEL_FUNCTIONS:
     raise app.UsageError(f"--log_mel={f.log_mel}: one of {sorted(features.LOG_MEL_FUNCTIONS)}")
+  # Fail now, not on the first clip, when the chosen front end's library is missing.
+  features.log_mel(np.zeros(16000, np.float32), 16000, 8, kind=f.log_mel)
   options = BuildOptions(**{fl.name: f[fl.name].value for fl in dataclasses.fields(BuildOptions)})
   if f.manifest:
     media_root = f.media_root or os.path.dirname(f.manifest) or "."
