@@ -30,8 +30,9 @@ EXTRAS_REQUIRE = {
     "beam": BEAM,
     "kaldi_native": KALDI_NATIVE,  # data_prep.build --runner=... (DirectRunner, Dataflow, Flink, Spark)
     # TensorFlow only checks, in tests, that our TFRecords read back with tf.data.
-    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "tensorflow-cpu==2.21.0", *BEAM,
-             *KALDI_NATIVE],
+    # scikit-learn: reference implementations of the metrics, in tests only.
+    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "tensorflow-cpu==2.21.0",
+             "scikit-learn==1.9.1", *BEAM, *KALDI_NATIVE],
 }
 
 setup(
