@@ -16,6 +16,7 @@ INSTALL_REQUIRES = [
     "simplejpeg==1.9.0",
     "numpy==2.4.6",
     "librosa==0.11.0",
+    "scipy==1.17.1",  # avmae.metrics (d-prime); also a librosa dependency
     "av==18.1.0",
     "tensorflow-datasets==4.9.10",
     "matplotlib==3.11.2",
