@@ -2,7 +2,8 @@
 
 Makes the synthetic audio-visual dataset, reads it back through the input pipeline onto a
 device mesh (summary and a picture of a few clips: spectrogram beside frames), pretrains the
-tiny CAV-MAE on it, and writes a summary: loss curves, reconstructions, final metrics.
+tiny CAV-MAE on it, writes a summary (loss curves, reconstructions, final metrics), and
+linear-probes the pretrained encoder against a randomly initialised one of the same shape.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from absl import app, flags
 import jax
 import numpy as np
 
-from avmae import plots, sharding, train
+from avmae import plots, probe, sharding, train
 from avmae.data import pipeline
 from configs import cav_mae
+from configs import probe as probe_config
 from configs import data as data_config
 from data_prep import inspect, make_synthetic
 
@@ -28,7 +30,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Where the dataset and pictures 
                                required=True)
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the synthetic dataset and of the shuffle.")
 _STEPS = flags.DEFINE_integer("steps", 300, "Pretraining steps of the tiny model.")
-_STEPS_TOTAL = 4
+_STEPS_TOTAL = 5
 CURVES = ("loss", "loss_mae_a", "loss_mae_v", "loss_contrastive", "contrastive_accuracy")
 
 
@@ -95,6 +97,24 @@ def main(argv: list[str]) -> None:
           f"step {records[-1]['step']:>4}: {records[-1][key]:.4f}")
   print(f"  saved {curves}, {os.path.join(workdir, 'reconstructions.png')}, "
         f"{os.path.join(workdir, 'summary.json')}")
+
+  _step(5, "linear probes: pretrained vs randomly initialised encoder")
+  results = {}
+  for name, random_init in (("pretrained", False), ("random_init", True)):
+    config = probe_config.get_config(train_dir)
+    config.data.dir, config.random_init = data_dir, random_init
+    rows = probe.run(config, os.path.join(workdir, f"probe_{name}"))
+    results[name] = {(r["mode"], r["metric"]): r["value"] for r in rows
+                     if r["selected"] and r["split"] == "test"}
+  print(f"  {'test metric':<34} {'pretrained':>11} {'random init':>12} {'difference':>11}")
+  for key in sorted(results["pretrained"]):
+    if key[1] in ("top1", "r1"):
+      a, b = results["pretrained"][key], results["random_init"][key]
+      print(f"  {key[0] + ' ' + key[1]:<34} {a:>11.4f} {b:>12.4f} {a - b:>+11.4f}")
+  summary["probe"] = {name: {f"{m}/{k}": v for (m, k), v in r.items()}
+                      for name, r in results.items()}
+  with open(os.path.join(workdir, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -118,3 +118,9 @@ def unshuffle_with_mask_tokens(visible: jax.Array, mask_token: jax.Array, mask: 
   fill = jnp.broadcast_to(mask_token.astype(visible.dtype), (b, num_tokens - k, d))
   full = jnp.concatenate([visible, fill], axis=1)
   return jnp.take_along_axis(full, mask.ids_restore[:, :, None], axis=1)
+
+
+def keep_all(batch: int, num_tokens: int) -> Mask:
+  """The mask that keeps every token in order (evaluation: the encoders see the whole input)."""
+  ids = jnp.broadcast_to(jnp.arange(num_tokens, dtype=jnp.int32), (batch, num_tokens))
+  return Mask(ids, ids, jnp.zeros((batch, num_tokens), jnp.float32))

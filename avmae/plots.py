@@ -1,7 +1,8 @@
-"""Pictures people look at instead of numbers: clips (spectrogram beside frames)."""
+"""Pictures people look at instead of numbers: clips, reconstructions, curves, sweeps."""
 
 from __future__ import annotations
 
+import os
 from typing import Any, Sequence
 
 import matplotlib
@@ -93,6 +94,38 @@ def plot_loss_curves(records: Sequence[dict[str, float]], keys: Sequence[str], p
     ax.set_xlabel("step", fontsize=8)
     ax.tick_params(labelsize=7)
     ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def plot_sweep(rows: Sequence[dict[str, Any]], path: str) -> None:
+  """Validation metric vs learning rate, one panel per mode (lines: weight decay x step)."""
+  rows = [r for r in rows if r["split"] == "val" and r["lr"] is not None
+          and r["metric"] in ("top1", "map")]
+  modes = sorted({r["mode"] for r in rows})
+  if not modes:
+    return
+  fig, axes = plt.subplots(1, len(modes), squeeze=False, figsize=(3.8 * len(modes), 3.0))
+  for ax, mode in zip(axes[0], modes):
+    mine = [r for r in rows if r["mode"] == mode]
+    metric = "top1" if any(r["metric"] == "top1" for r in mine) else "map"
+    curves: dict[tuple, list] = {}
+    for r in mine:
+      if r["metric"] == metric:
+        curves.setdefault((r["step"], r["weight_decay"], r["dataset"]), []).append(
+            (r["lr"], r["value"]))
+    for (step, wd, dataset), points in sorted(curves.items(), key=str):
+      points.sort()
+      ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", ms=3, lw=1.2,
+              label=f"step {step}, wd {wd:g}" + (f", {os.path.basename(dataset)}"
+                                                   if len(curves) > 4 else ""))
+    ax.set_xscale("log")
+    ax.set_title(f"{mode}: val {metric}", fontsize=9)
+    ax.set_xlabel("learning rate", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
