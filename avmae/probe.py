@@ -24,6 +24,7 @@ import numpy as np
 from ml_collections import config_flags
 
 from avmae import extract, metrics, plots, probe_heads, sharding
+from avmae.data import dataset_info
 
 RESULT_KEYS = ("step", "dataset", "mode", "metric", "value", "lr", "weight_decay", "split",
                "selected", "dataset_hash")
@@ -47,10 +48,15 @@ def _steps(config: ml_collections.ConfigDict) -> list[int | None]:
 
 
 def _data_config(config: ml_collections.ConfigDict, train_config, data_dir: str):
+  """The probe's data settings, with the input geometry the encoder was trained for."""
   data = ml_collections.ConfigDict(config.data.to_dict())
   data.dir = data_dir
-  # The encoder fixes the input geometry.
-  data.audio_frames, data.image_size = train_config.model.audio_frames, train_config.model.image_size
+  model = train_config.model
+  data.audio_frames, data.image_size = model.audio_frames, model.image_size
+  mel_bins = dataset_info.load(data_dir)["features"]["mel_bins"]
+  if mel_bins != model.mel_bins:
+    raise ValueError(f"config.data.dir={data_dir} has {mel_bins} mel bins, but the encoder of "
+                     f"{config.checkpoint_dir} was trained on {model.mel_bins}")
   return data
 
 

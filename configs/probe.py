@@ -27,9 +27,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # "final": the final features; "3": the mean-pooled output of layer 3 (0: the embeddings);
   # "weighted": every layer, combined by a learned softmax-weighted sum (AV-SUPERB).
   c.layer = "final"
-  c.head = "linear"  # linear | bn_linear (MAE protocol) | ln_linear (CAV-MAE)
+  c.head = "bn_linear"  # bn_linear (MAE protocol: frozen standardisation) | linear | ln_linear
   c.sweep = ml_collections.ConfigDict(dict(
-      lrs=(1e-3, 3e-3, 1e-2, 3e-2), weight_decays=(0.0, 1e-3), steps=300, batch_size=128))
+      lrs=(3e-3, 1e-2, 3e-2, 1e-1, 3e-1), weight_decays=(0.0, 1e-3), steps=300,
+      batch_size=128))
   c.retrieval = True  # audio<->video recall@k from the contrastive embeddings
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
   c.cache = True  # frozen features cached under WORKDIR/features

@@ -1,0 +1,110 @@
+"""The probe: features equal on 1 and 8 devices, the cache key, results files, clear errors."""
+
+import csv
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from avmae import extract, probe, sharding, train
+from configs import cav_mae
+from configs import probe as probe_config
+from data_prep import make_synthetic
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+  """A synthetic dataset and a tiny training run with checkpoints at steps 2 and 4."""
+  data = str(tmp_path_factory.mktemp("data"))
+  make_synthetic.make_synthetic(data, num_train=48, num_eval=16, num_shards=2)
+  workdir = str(tmp_path_factory.mktemp("run"))
+  c = cav_mae.get_config("tiny")
+  c.data.dir, c.data.batch_size = data, 16
+  c.total_steps, c.checkpoint_every_steps, c.log_every_steps, c.image_every_steps = 4, 2, 2, 4
+  train.train(c, workdir)
+  return data, workdir
+
+
+def _probe_config(data, workdir, **overrides):
+  c = probe_config.get_config(workdir)
+  c.data.dir, c.data.batch_size = data, 16
+  c.sweep.steps, c.sweep.lrs, c.sweep.weight_decays = 20, (1e-2, 1e-1), (0.0, 1e-3)
+  c.update(overrides)
+  return c
+
+
+def test_features_are_the_same_on_1_and_8_devices(run_dir, tmp_path):
+  data, workdir = run_dir
+  config = extract.training_config(workdir)
+  probe_data = probe._data_config(_probe_config(data, workdir), config, data)
+  out = {}
+  for devices in (1, 8):
+    mesh = sharding.make_mesh({"data": devices, "fsdp": 1, "tensor": 1})
+    model, params = extract.load_params(config, mesh, workdir, 4, seed=0)
+    out[devices] = extract.extract(model, params, probe_data, "eval", mesh, None, "spec")
+  assert out[1]["audio"].shape == (16, 64)
+  for key in out[1]:
+    np.testing.assert_allclose(out[8][key], out[1][key], rtol=1e-5, atol=1e-6, err_msg=key)
+  np.testing.assert_array_equal(np.sort(out[1]["record_index"]), np.arange(16))
+
+
+def test_cache_is_reused_and_invalidated_by_a_new_checkpoint(run_dir, tmp_path):
+  data, workdir = run_dir
+  config = extract.training_config(workdir)
+  probe_data = probe._data_config(_probe_config(data, workdir), config, data)
+  mesh = sharding.make_mesh({"data": 8, "fsdp": 1, "tensor": 1})
+  cache = str(tmp_path / "cache")
+  model, params2 = extract.load_params(config, mesh, workdir, 2, seed=0)
+  first = extract.extract(model, params2, probe_data, "eval", mesh, cache, "spec")
+  (path,) = os.listdir(cache)
+  np.savez(os.path.join(cache, path), **{**first, "audio": first["audio"] * 0 + 7})
+  reused = extract.extract(model, params2, probe_data, "eval", mesh, cache, "spec")
+  assert np.all(reused["audio"] == 7), "the cached file should have been read"
+  _, params4 = extract.load_params(config, mesh, workdir, 4, seed=0)
+  fresh = extract.extract(model, params4, probe_data, "eval", mesh, cache, "spec")
+  assert len(os.listdir(cache)) == 2 and not np.all(fresh["audio"] == 7)
+  extract.extract(model, params4, probe_data, "eval", mesh, cache, "other spec")
+  assert len(os.listdir(cache)) == 3
+
+
+def test_probe_writes_results_for_every_step(run_dir, tmp_path):
+  data, workdir = run_dir
+  rows = probe.run(_probe_config(data, workdir, steps="all"), str(tmp_path))
+  assert {r["step"] for r in rows} == {2, 4}
+  saved = json.load(open(tmp_path / "results.json"))
+  assert saved["rows"] == json.loads(json.dumps(rows))
+  with open(tmp_path / "results.csv") as f:
+    table = list(csv.DictReader(f))
+  assert list(table[0]) == list(probe.RESULT_KEYS) and len(table) == len(rows)
+  for step in (2, 4):
+    for mode in ("audio", "video", "audio_video"):
+      mine = [r for r in rows if r["step"] == step and r["mode"] == mode]
+      assert len({(r["lr"], r["weight_decay"]) for r in mine}) == 4
+      chosen = {(r["lr"], r["weight_decay"]) for r in mine if r["selected"]}
+      assert len(chosen) == 1
+      val = {(r["lr"], r["weight_decay"]): r["value"] for r in mine
+             if r["split"] == "val" and r["metric"] == "top1"}
+      assert val[chosen.pop()] == max(val.values())
+    assert any(r["mode"] == "retrieval_a2v" and r["metric"] == "r1" for r in rows)
+  assert (tmp_path / "sweep.png").stat().st_size > 10_000
+
+
+def test_mismatched_checkpoint_or_dataset_fails_clearly(run_dir, tmp_path):
+  data, workdir = run_dir
+  other_data = str(tmp_path / "data128")
+  make_synthetic.make_synthetic(other_data, num_train=8, num_eval=8, mel_bins=128,
+                                num_shards=1)
+  with pytest.raises(ValueError, match=r"has 128 mel bins, but the encoder .* trained on 64"):
+    probe.run(_probe_config(other_data, workdir), str(tmp_path / "a"))
+  changed = str(tmp_path / "changed")
+  shutil.copytree(workdir, changed)
+  config = json.load(open(os.path.join(changed, "config.json")))
+  config["model"]["embed_dim"] = 128
+  json.dump(config, open(os.path.join(changed, "config.json"), "w"))
+  with pytest.raises(ValueError, match=r"does not fit the model of .*config.json"):
+    probe.run(_probe_config(data, changed), str(tmp_path / "b"))
+  with pytest.raises(ValueError, match=r"config.steps: no checkpoints \[3\]"):
+    probe.run(_probe_config(data, workdir, steps="3"), str(tmp_path / "c"))
