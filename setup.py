@@ -28,8 +28,8 @@ KALDI_NATIVE = ["kaldi-native-fbank==1.22.4"]  # log_mel kind "kaldi_native"
 
 EXTRAS_REQUIRE = {
     "torch": ["torch==2.13.0"],
-    "beam": BEAM,
-    "kaldi_native": KALDI_NATIVE,  # data_prep.build --runner=... (DirectRunner, Dataflow, Flink, Spark)
+    "beam": BEAM,  # data_prep.build --runner=DirectRunner|DataflowRunner|FlinkRunner|...
+    "kaldi_native": KALDI_NATIVE,
     # TensorFlow only checks, in tests, that our TFRecords read back with tf.data.
     # scikit-learn: reference implementations of the metrics, in tests only.
     "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "tensorflow-cpu==2.21.0",

@@ -249,5 +249,6 @@ def log_mel(waveform: np.ndarray, sample_rate: int, num_mel_bins: int = 128,
   try:
     fn = LOG_MEL_FUNCTIONS[kind]
   except KeyError:
-    raise ValueError(f"unknown log-mel kind {kind!r}; valid kinds: {sorted(LOG_MEL_FUNCTIONS)}") from None
+    raise ValueError(f"unknown log-mel kind {kind!r}; valid kinds: "
+                     f"{sorted(LOG_MEL_FUNCTIONS)}") from None
   return fn(waveform, sample_rate, num_mel_bins=num_mel_bins)

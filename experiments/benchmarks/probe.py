@@ -76,7 +76,8 @@ def main(argv: list[str]) -> None:
   print(f"{f'{_GRID.value}-point vmapped sweep':<34}{sweep_s:>9.3f}")
   print(f"{f'{_GRID.value} separate probes':<34}{singles_s:>9.3f}")
   cost = sweep_s / singles_s * _GRID.value
-  print(f"speed-up {singles_s / sweep_s:.1f}x; the sweep costs {cost:.1f} single probes ({_EXAMPLES.value} x {dim} features, {_CLASSES.value} classes, "
+  print(f"speed-up {singles_s / sweep_s:.1f}x; the sweep costs {cost:.1f} single probes "
+        f"({_EXAMPLES.value} x {dim} features, {_CLASSES.value} classes, "
         f"{_STEPS.value} steps of 128)")
 
 
