@@ -79,7 +79,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
       group_size=0))  # 0: negatives from the whole global batch; official 4-GPU run: 12
 
   c.optimizer = ml_collections.ConfigDict(dict(
-      name="adam",  # "adam": L2 decay added to the gradient (torch.optim.Adam); "adamw"
+      # "adam": L2 decay added to the gradient (torch.optim.Adam, official, wd 5e-7); "adamw":
+      # decoupled (the MAE recipe's wd 0.05 is meant for it: coupled, it shrinks the weights).
+      name="adam" if official else "adamw",
       learning_rate=5e-5 if official else 1e-3,
       b1=0.95, b2=0.999, eps=1e-8,
       weight_decay=5e-7 if official else 0.05,
