@@ -74,7 +74,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
 
   c.masking = ml_collections.ConfigDict(dict(ratio_a=0.75, ratio_v=0.75, mode_a="unstructured"))
   c.loss = ml_collections.ConfigDict(dict(
-      mae_weight=1.0, contrastive_weight=0.01, temperature=0.05, bidirectional=False,
+      mae_weight=1.0, contrastive_weight=0.01 if official else 0.1, temperature=0.05,
+      bidirectional=False,
       norm_pix=True,
       group_size=0))  # 0: negatives from the whole global batch; official 4-GPU run: 12
 
