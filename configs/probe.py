@@ -29,7 +29,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.layer = "final"
   c.head = "bn_linear"  # bn_linear (MAE protocol: frozen standardisation) | linear | ln_linear
   c.sweep = ml_collections.ConfigDict(dict(
-      lrs=(3e-3, 1e-2, 3e-2, 1e-1, 3e-1), weight_decays=(0.0, 1e-3), steps=300,
+      lrs=(1e-2, 3e-2, 1e-1, 3e-1, 1.0), weight_decays=(0.0, 0.05), steps=300,
       batch_size=128))
   c.retrieval = True  # audio<->video recall@k from the contrastive embeddings
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
