@@ -141,9 +141,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
       start = time.perf_counter()
       get = lambda split: extract.extract(model, params, data, split, mesh, cache, spec)
       train, test = get(config.splits.train), get(config.splits.test)
-      val = (get(config.splits.val) if config.splits.val
-             else None)
-      if val is None:
+      if config.splits.val:
+        val = get(config.splits.val)
+      else:
         train, val = _split_train_val(train, config.splits.val_fraction, config.seed)
       print(f"[probe] step {label} {data_dir}: features of {len(train['labels'])} train, "
             f"{len(val['labels'])} val, {len(test['labels'])} test clips in "
