@@ -13,12 +13,10 @@ from __future__ import annotations
 import csv
 import json
 import os
-import sys
 import time
 from typing import Any
 
 from absl import app, flags
-import jax
 import ml_collections
 import numpy as np
 from ml_collections import config_flags

@@ -22,7 +22,7 @@ import multiprocessing
 import os
 import sys
 import time
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 from absl import app, flags
 import numpy as np

@@ -10,7 +10,7 @@ import simplejpeg
 
 from avmae.data import dataset_info, errors, schema, tfrecord
 from avmae.data.source import TFRecordSource
-from conftest import make_clip, write_dataset
+from conftest import make_clip
 
 
 def _all_records(data_dir, split):

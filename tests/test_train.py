@@ -7,11 +7,9 @@ import pathlib
 import signal
 import subprocess
 import sys
-import time
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -14,7 +14,6 @@ import time
 
 from absl import app, flags
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from avmae import probe_heads, sharding

@@ -21,7 +21,6 @@ from absl import app, flags
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from avmae import flops, optim, sharding, train
 from avmae.methods import METHODS
