@@ -15,7 +15,7 @@ import os
 import shutil
 import time
 
-from absl import app, flags
+from absl import app, flags, logging
 import jax
 import numpy as np
 
@@ -41,6 +41,7 @@ def _step(number: int, text: str) -> float:
 
 def main(argv: list[str]) -> None:
   del argv
+  logging.set_verbosity(logging.WARNING)  # the demo prints its own progress; orbax is chatty
   workdir = _WORKDIR.value
   data_dir = os.path.join(workdir, "data")
   os.makedirs(workdir, exist_ok=True)
