@@ -66,7 +66,7 @@ def validate(config: ml_collections.ConfigDict, info: dict[str, Any], mesh: jax.
        "mesh.fsdp", f"{mesh.shape['fsdp']} does not divide the embedding widths"),
       (config.total_steps > 0, "total_steps", f"{config.total_steps} must be positive"),
   ]
-  if not config.loss.group_size == 0:
+  if config.loss.group_size:
     checks.append((d.batch_size % config.loss.group_size == 0, "loss.group_size",
                    f"{config.loss.group_size} does not divide data.batch_size={d.batch_size}"))
   for ok, key, why in checks:

@@ -186,12 +186,11 @@ class BatchSource:
     return int(self._permutations[epoch][index])
 
   def _example(self, position: int) -> dict[str, Any]:
-    if not self.spec.train:
-      if position >= len(self._records):
-        return empty_example(self.spec, -1, 0)
-      return prepare_example(self._records[position], np.random.default_rng(0), self.spec)
-    rng = np.random.default_rng([self._seed, position])
-    return prepare_example(self._records[self._record(position)], rng, self.spec)
+    if not self.spec.train and position >= len(self._records):
+      return empty_example(self.spec, -1, 0)
+    record = self._record(position) if self.spec.train else position
+    rng = np.random.default_rng([self._seed, position])  # evaluation draws nothing from it
+    return prepare_example(self._records[record], rng, self.spec)
 
   def __getitem__(self, batch: int) -> dict[str, np.ndarray]:
     start = batch * self._global_batch_size + self._offset
