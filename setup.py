@@ -26,14 +26,19 @@ INSTALL_REQUIRES = [
 BEAM = ["apache-beam==2.77.0", "pyarrow==25.0.1"]
 KALDI_NATIVE = ["kaldi-native-fbank==1.22.4"]  # log_mel kind "kaldi_native"
 
+# Export to / import from PyTorch (avmae.export, avmae.import_torch).
+TORCH = ["torch==2.14.1", "safetensors==0.8.0"]
+# timm (parity of the timm export, in tests) needs torchvision built for the same torch.
+TIMM = ["torchvision==0.29.1", "timm==1.0.31"]
+
 EXTRAS_REQUIRE = {
-    "torch": ["torch==2.13.0"],
+    "torch": TORCH,
     "beam": BEAM,  # data_prep.build --runner=DirectRunner|DataflowRunner|FlinkRunner|...
     "kaldi_native": KALDI_NATIVE,
     # TensorFlow only checks, in tests, that our TFRecords read back with tf.data.
     # scikit-learn: reference implementations of the metrics, in tests only.
     "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "tensorflow-cpu==2.21.0",
-             "scikit-learn==1.9.1", *BEAM, *KALDI_NATIVE],
+             "scikit-learn==1.9.1", *BEAM, *KALDI_NATIVE, *TORCH, *TIMM],
 }
 
 setup(

@@ -123,33 +123,35 @@ class CAVMAE(nn.Module):
         "latent_v": layer_norm(self._shared(v, "v"), self.norm_v(self.embed_dim), self.dtype),
     }
 
-  def features(self, audio: jax.Array, frames: jax.Array) -> dict[str, jax.Array]:
-    """Frozen features of the whole (unmasked) input, mean-pooled over tokens, as official
-    forward_feat: "audio" / "video" (shared block with the modality's norms, norm_a/norm_v;
-    also what the contrastive loss pools), "audio_video" (shared block on both, `norm`), each
-    [B, D]; and "<mode>_layers" [B, depth + 1, D]: the embeddings, every block's output, and
-    the final features, for probes of a chosen layer or a learned weighted sum of layers."""
+  def hidden_states(self, audio: jax.Array, frames: jax.Array) -> dict[str, list[jax.Array]]:
+    """Per-layer tokens of the whole (unmasked) input, each [B, L, D]: "audio" / "video" are
+    the embeddings, every modality block's output, and the final features (shared block with
+    the modality's norms, then norm_a / norm_v: what the contrastive loss pools, as official
+    forward_feat); "audio_video" concatenates the two per layer and ends with the shared
+    block on both, then `norm`."""
     batch = audio.shape[0]
     a, v = self.embed_visible(audio, frames, masking.keep_all(batch, self.num_audio_tokens),
                               masking.keep_all(batch, self.num_video_tokens))
-    layers_a, layers_v = [a.mean(1)], [v.mean(1)]
+    layers_a, layers_v = [a], [v]
     for block in self.blocks_a:
-      a = block(a)
-      layers_a.append(a.mean(1))
+      layers_a.append(block(layers_a[-1]))
     for block in self.blocks_v:
-      v = block(v)
-      layers_v.append(v.mean(1))
-    out = {
-        "audio": layer_norm(self._shared(a, "a"), self.norm_a(self.embed_dim), self.dtype),
-        "video": layer_norm(self._shared(v, "v"), self.norm_v(self.embed_dim), self.dtype),
-        "audio_video": layer_norm(self._shared(jnp.concatenate([a, v], axis=1), None),
-                                  self.norm(self.embed_dim), self.dtype),
-    }
-    out = {k: x.astype(jnp.float32).mean(1) for k, x in out.items()}
-    share_a = self.num_audio_tokens / (self.num_audio_tokens + self.num_video_tokens)
-    joint_layers = [share_a * la + (1 - share_a) * lv for la, lv in zip(layers_a, layers_v)]
-    for mode, layers in (("audio", layers_a), ("video", layers_v), ("audio_video", joint_layers)):
-      out[f"{mode}_layers"] = jnp.stack([*layers, out[mode]], axis=1).astype(jnp.float32)
+      layers_v.append(block(layers_v[-1]))
+    joint = [jnp.concatenate([x, y], axis=1) for x, y in zip(layers_a, layers_v)]
+    final = {"audio": (layers_a, "a", self.norm_a), "video": (layers_v, "v", self.norm_v),
+             "audio_video": (joint, None, self.norm)}
+    return {mode: layers + [layer_norm(self._shared(layers[-1], modality),
+                                       norm(self.embed_dim), self.dtype)]
+            for mode, (layers, modality, norm) in final.items()}
+
+  def features(self, audio: jax.Array, frames: jax.Array) -> dict[str, jax.Array]:
+    """Frozen features mean-pooled over tokens: "audio", "video", "audio_video" [B, D] (the
+    final features of `hidden_states`), and "<mode>_layers" [B, depth + 2, D]: every layer
+    of `hidden_states`, for probes of a chosen layer or a learned weighted sum of layers."""
+    out = {}
+    for mode, layers in self.hidden_states(audio, frames).items():
+      out[f"{mode}_layers"] = jnp.stack([x.astype(jnp.float32).mean(1) for x in layers], axis=1)
+      out[mode] = out[f"{mode}_layers"][:, -1]
     return out
 
   def decode(self, latent: jax.Array, mask_a: masking.Mask, mask_v: masking.Mask

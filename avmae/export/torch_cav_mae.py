@@ -1,0 +1,253 @@
+"""CAV-MAE in plain PyTorch (torch only: no timm, no JAX), loading avmae's exported weights.
+
+The parameter names, order and shapes are the official CAV-MAE state_dict's, so
+`load_state_dict(strict=True)` takes what `python -m avmae.export --format=cav_mae` writes:
+the pretraining model (`decoder=True`), the finetuning model (`decoder=False,
+num_classes=N`) and the audio-only finetuning model (`video=False`). The computation mirrors
+avmae/models/cav_mae.py: frequency-major audio tokens, 16x16 (`patch_size`) convolutions,
+fixed sin-cos position embeddings, blocks with three LayerNorm pairs (eps 1e-5), exact GELU.
+
+`hidden_states` gives what AV-SUPERB's upstream interface expects: lists of [B, T, D], one per
+layer, under `audio_feats`, `video_feats` and `fusion_feats`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+LN_EPS = 1e-5
+
+
+def sincos_2d(embed_dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
+  """[grid_h * grid_w, embed_dim]: first half of the channels encodes the column, second the
+  row; each half [sin, cos] of position * 10000^(-k / (D/4)) (the MAE construction)."""
+  h, w = torch.meshgrid(torch.arange(grid_h, dtype=torch.float64),
+                        torch.arange(grid_w, dtype=torch.float64), indexing="ij")
+  omega = 1.0 / 10000 ** (torch.arange(embed_dim // 4, dtype=torch.float64) / (embed_dim / 4))
+
+  def embed_1d(pos: torch.Tensor) -> torch.Tensor:
+    out = pos.reshape(-1, 1) * omega[None]
+    return torch.cat([out.sin(), out.cos()], dim=1)
+
+  return torch.cat([embed_1d(w), embed_1d(h)], dim=1).float()
+
+
+class PatchEmbed(nn.Module):
+  def __init__(self, in_chans: int, embed_dim: int, patch_size: int):
+    super().__init__()
+    self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] -> [B, (H/p)*(W/p), D], row-major tokens."""
+    return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class Attention(nn.Module):
+  def __init__(self, dim: int, num_heads: int):
+    super().__init__()
+    self.num_heads = num_heads
+    self.qkv = nn.Linear(dim, dim * 3)  # output rows [3][heads][head_dim]
+    self.proj = nn.Linear(dim, dim)
+
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    b, n, d = x.shape
+    q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(
+        2, 0, 3, 1, 4)
+    y = F.scaled_dot_product_attention(q, k, v)  # scale head_dim ** -0.5
+    return self.proj(y.transpose(1, 2).reshape(b, n, d))
+
+
+class Mlp(nn.Module):
+  def __init__(self, dim: int, hidden: int):
+    super().__init__()
+    self.fc1 = nn.Linear(dim, hidden)
+    self.act = nn.GELU()  # exact (erf)
+    self.fc2 = nn.Linear(hidden, dim)
+
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+  """Pre-norm block with shared (`norm1`/`norm2`) and per-modality (`_a`, `_v`) norms."""
+
+  def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
+    super().__init__()
+    # Registration order is the official state_dict order.
+    self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
+    self.norm1_a = nn.LayerNorm(dim, eps=LN_EPS)
+    self.norm1_v = nn.LayerNorm(dim, eps=LN_EPS)
+    self.attn = Attention(dim, num_heads)
+    self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
+    self.norm2_a = nn.LayerNorm(dim, eps=LN_EPS)
+    self.norm2_v = nn.LayerNorm(dim, eps=LN_EPS)
+    self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+  def forward(self, x: torch.Tensor, modality: str | None = None) -> torch.Tensor:
+    suffix = "" if modality is None else f"_{modality}"
+    x = x + self.attn(getattr(self, "norm1" + suffix)(x))
+    return x + self.mlp(getattr(self, "norm2" + suffix)(x))
+
+
+def _gather(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+  return torch.gather(x, 1, ids[:, :, None].expand(-1, -1, x.shape[-1]))
+
+
+class CAVMAE(nn.Module):
+  """CAV-MAE encoders (+ decoder, + classification head). Inputs as avmae's model takes
+  them after preprocessing: audio [B, T, F] normalised log-mel, frames [B, 3, H, W]
+  normalised with the ImageNet statistics (see torch_frontend.py)."""
+
+  def __init__(self, audio_frames: int = 1024, mel_bins: int = 128, image_size: int = 224,
+               patch_size: int = 16, embed_dim: int = 768, modality_specific_depth: int = 11,
+               shared_depth: int = 1, num_heads: int = 12, mlp_ratio: float = 4.0,
+               decoder_embed_dim: int = 512, decoder_depth: int = 8,
+               decoder_num_heads: int = 16, decoder: bool = True, video: bool = True,
+               num_classes: int = 0):
+    super().__init__()
+    if decoder and (not video or num_classes):
+      raise ValueError("the pretraining layout (decoder=True) has both modalities and no head")
+    self.patch_size = patch_size
+    self.grid_a = (mel_bins // patch_size, audio_frames // patch_size)  # (freq, time)
+    side = image_size // patch_size
+    self.grid_v = (side, side)
+    d, dd = embed_dim, decoder_embed_dim
+
+    def constant(value: torch.Tensor) -> nn.Parameter:
+      return nn.Parameter(value[None], requires_grad=False)  # frozen, as official pretraining
+
+    # Parameters first, in the official order; then the submodules.
+    self.modality_a = nn.Parameter(torch.zeros(1, 1, d))
+    if video:
+      self.modality_v = nn.Parameter(torch.zeros(1, 1, d))
+    self.pos_embed_a = constant(sincos_2d(d, *self.grid_a))
+    if video:
+      self.pos_embed_v = constant(sincos_2d(d, *self.grid_v))
+    if decoder:
+      self.mask_token = nn.Parameter(torch.zeros(1, 1, dd))
+      self.decoder_modality_a = nn.Parameter(torch.zeros(1, 1, dd))
+      self.decoder_modality_v = nn.Parameter(torch.zeros(1, 1, dd))
+      self.decoder_pos_embed_a = constant(sincos_2d(dd, *self.grid_a))
+      self.decoder_pos_embed_v = constant(sincos_2d(dd, *self.grid_v))
+    self.patch_embed_a = PatchEmbed(1, d, patch_size)
+    if video:
+      self.patch_embed_v = PatchEmbed(3, d, patch_size)
+
+    def blocks(depth: int, dim: int, heads: int) -> nn.ModuleList:
+      return nn.ModuleList(Block(dim, heads, mlp_ratio) for _ in range(depth))
+
+    self.blocks_a = blocks(modality_specific_depth, d, num_heads)
+    if video:
+      self.blocks_v = blocks(modality_specific_depth, d, num_heads)
+    self.blocks_u = blocks(shared_depth, d, num_heads)
+    self.norm_a = nn.LayerNorm(d, eps=LN_EPS)
+    if video:
+      self.norm_v = nn.LayerNorm(d, eps=LN_EPS)
+    self.norm = nn.LayerNorm(d, eps=LN_EPS)
+    if decoder:
+      self.decoder_embed = nn.Linear(d, dd)
+      self.decoder_blocks = blocks(decoder_depth, dd, decoder_num_heads)
+      self.decoder_norm = nn.LayerNorm(dd, eps=LN_EPS)
+      self.decoder_pred_a = nn.Linear(dd, patch_size ** 2)
+      self.decoder_pred_v = nn.Linear(dd, patch_size ** 2 * 3)
+    if num_classes:
+      self.mlp_head = nn.Sequential(nn.LayerNorm(d, eps=LN_EPS), nn.Linear(d, num_classes))
+
+  # --- encoders --------------------------------------------------------------------------
+  def embed_audio(self, audio: torch.Tensor) -> torch.Tensor:
+    """[B, T, F] -> [B, (F/p)*(T/p), D]: fed transposed ([B, 1, F, T]) as official, so
+    tokens are frequency-major."""
+    x = self.patch_embed_a(audio.unsqueeze(1).transpose(2, 3))
+    return x + self.pos_embed_a + self.modality_a
+
+  def embed_video(self, frames: torch.Tensor) -> torch.Tensor:
+    return self.patch_embed_v(frames) + self.pos_embed_v + self.modality_v
+
+  def _shared(self, x: torch.Tensor, modality: str | None) -> torch.Tensor:
+    for block in self.blocks_u:
+      x = block(x, modality)
+    return x
+
+  def forward_encoder(self, audio: torch.Tensor, frames: torch.Tensor,
+                      ids_keep_a: torch.Tensor | None = None,
+                      ids_keep_v: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Joint latent (`latent`, final `norm`) and per-modality latents (`latent_a`,
+    `latent_v`: shared block with the modality's norms, then norm_a / norm_v) of the visible
+    tokens `ids_keep_*` [B, K] (None: all)."""
+    a, v = self.embed_audio(audio), self.embed_video(frames)
+    if ids_keep_a is not None:
+      a = _gather(a, ids_keep_a)
+    if ids_keep_v is not None:
+      v = _gather(v, ids_keep_v)
+    for block in self.blocks_a:
+      a = block(a)
+    for block in self.blocks_v:
+      v = block(v)
+    return {"latent": self.norm(self._shared(torch.cat([a, v], dim=1), None)),
+            "latent_a": self.norm_a(self._shared(a, "a")),
+            "latent_v": self.norm_v(self._shared(v, "v"))}
+
+  def hidden_states(self, audio: torch.Tensor | None = None, frames: torch.Tensor | None = None
+                    ) -> dict[str, list[torch.Tensor]]:
+    """Per-layer tokens of the whole input, each [B, T, D]: `audio_feats` / `video_feats`
+    (the embeddings, every modality block's output, and the final features: the shared
+    block with the modality's norms, then norm_a / norm_v), and `fusion_feats` (both
+    concatenated per layer, last the shared block on both, then `norm`; needs both inputs)."""
+    out: dict[str, list[torch.Tensor]] = {}
+    if audio is not None:
+      a = [self.embed_audio(audio)]
+      for block in self.blocks_a:
+        a.append(block(a[-1]))
+      out["audio_feats"] = a + [self.norm_a(self._shared(a[-1], "a"))]
+    if frames is not None:
+      v = [self.embed_video(frames)]
+      for block in self.blocks_v:
+        v.append(block(v[-1]))
+      out["video_feats"] = v + [self.norm_v(self._shared(v[-1], "v"))]
+    if audio is not None and frames is not None:
+      joint = [torch.cat([x, y], dim=1) for x, y in zip(a, v)]
+      out["fusion_feats"] = joint + [self.norm(self._shared(joint[-1], None))]
+    return out
+
+  def classify(self, audio: torch.Tensor | None, frames: torch.Tensor | None,
+               mode: str = "multimodal") -> torch.Tensor:
+    """Logits of the finetuning head on the mean-pooled final features, as the official
+    finetuning model's modes: "multimodal" (joint), "audioonly", "videoonly"."""
+    key = {"multimodal": "fusion_feats", "audioonly": "audio_feats",
+           "videoonly": "video_feats"}[mode]
+    return self.mlp_head(self.hidden_states(audio, frames)[key][-1].mean(1))
+
+  # --- decoder ---------------------------------------------------------------------------
+  def forward_decoder(self, latent: torch.Tensor, num_visible_a: int,
+                      ids_restore_a: torch.Tensor, ids_restore_v: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Predicted patches of every token: [B, La, p*p] (freq, time offsets) and
+    [B, Lv, p*p*3] (row, col, channel), from the visible latent [B, Ka + Kv, D] (the first
+    `num_visible_a` audio); mask tokens are appended per modality and unshuffled."""
+    x = self.decoder_embed(latent)
+    parts = []
+    for part, ids in ((x[:, :num_visible_a], ids_restore_a), (x[:, num_visible_a:], ids_restore_v)):
+      fill = self.mask_token.expand(x.shape[0], ids.shape[1] - part.shape[1], -1)
+      parts.append(_gather(torch.cat([part, fill], dim=1), ids))
+    a = parts[0] + self.decoder_pos_embed_a + self.decoder_modality_a
+    v = parts[1] + self.decoder_pos_embed_v + self.decoder_modality_v
+    x = torch.cat([a, v], dim=1)
+    for block in self.decoder_blocks:
+      x = block(x)
+    x = self.decoder_norm(x)
+    num_a = ids_restore_a.shape[1]
+    return self.decoder_pred_a(x[:, :num_a]), self.decoder_pred_v(x[:, num_a:])
+
+  def forward(self, audio: torch.Tensor, frames: torch.Tensor, ids_keep_a: torch.Tensor,
+              ids_restore_a: torch.Tensor, ids_keep_v: torch.Tensor,
+              ids_restore_v: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The pretraining forward with given masks: latents, predictions, and the
+    L2-normalised contrastive embeddings (mean of the visible per-modality latents)."""
+    out = self.forward_encoder(audio, frames, ids_keep_a, ids_keep_v)
+    out["pred_a"], out["pred_v"] = self.forward_decoder(
+        out["latent"], ids_keep_a.shape[1], ids_restore_a, ids_restore_v)
+    out["embedding_a"] = F.normalize(out["latent_a"].mean(1), dim=-1)
+    out["embedding_v"] = F.normalize(out["latent_v"].mean(1), dim=-1)
+    return out
