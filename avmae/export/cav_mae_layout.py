@@ -1,7 +1,11 @@
-"""Our CAV-MAE parameters <-> the official PyTorch state_dict (YuanGongND/cav-mae `CAVMAE`).
+"""Our CAV-MAE parameters <-> the official PyTorch state_dicts (YuanGongND/cav-mae) and timm.
 
-NumPy only: the torch side (saving .pth, loading official checkpoints) builds on these two
-functions. Conversions, all exact:
+NumPy arrays in and out (no torch here: the PyTorch side builds on these). Layouts:
+  pretrain        official `CAVMAE` (encoders, shared block, decoder)
+  finetune        official `CAVMAEFT` (encoders, shared block, `mlp_head`)
+  finetune_audio  official `CAVMAEFTAudio` (audio encoder, shared block, `mlp_head`)
+  timm            one modality's encoder as a timm `VisionTransformer` (`to_timm`)
+Conversions, all exact:
   Dense kernel [in, out]                 -> Linear weight [out, in]
   patch_embed_a kernel [p*p, D] (f, t)   -> Conv2d weight [D, 1, p, p] (input [B, 1, F, T])
   patch_embed_v kernel [p*p*3, D] (r,c,ch) -> Conv2d weight [D, 3, p, p]
@@ -16,11 +20,16 @@ from __future__ import annotations
 
 from typing import Any
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from avmae import masking
 from avmae.models.vit import sincos_2d
 
 Params = dict[str, Any]
+_VIDEO_PREFIXES = ("modality_v", "pos_embed_v", "patch_embed_v", "blocks_v", "norm_v")
 _BLOCK_NORMS = ("norm1", "norm1_a", "norm1_v")
 _BLOCK_NORMS2 = ("norm2", "norm2_a", "norm2_v")
 
@@ -54,25 +63,21 @@ def _count(params: Params, prefix: str) -> int:
   return sum(1 for k in params if k.startswith(prefix + "_") and k[len(prefix) + 1:].isdigit())
 
 
-def to_official(params: Params, model: Any) -> dict[str, np.ndarray]:
-  """The official `CAVMAE.state_dict()` (same keys, order, shapes) of our parameters.
-
-  `model` is the CAVMAE module (or its config) for the geometry: patch_size, audio grid,
-  image_size, embed widths.
-  """
+def _pretrain_layout(params: Params, model: Any) -> dict[str, np.ndarray]:
+  """The official `CAVMAE.state_dict()` (same keys, order, shapes) of our parameters."""
   p = model.patch_size
   f_grid, t_grid = model.mel_bins // p, model.audio_frames // p
   side = model.image_size // p
-  d, dd = model.embed_dim, model.decoder_embed_dim
   sd: dict[str, np.ndarray] = {}
   for name in ("modality_a", "modality_v"):
     sd[name] = np.asarray(params[name])
-  sd["pos_embed_a"] = sincos_2d(d, f_grid, t_grid)[None]
-  sd["pos_embed_v"] = sincos_2d(d, side, side)[None]
+  sd["pos_embed_a"] = sincos_2d(model.embed_dim, f_grid, t_grid)[None]
+  sd["pos_embed_v"] = sincos_2d(model.embed_dim, side, side)[None]
   for name in ("mask_token", "decoder_modality_a", "decoder_modality_v"):
     sd[name] = np.asarray(params[name])
-  sd["decoder_pos_embed_a"] = sincos_2d(dd, f_grid, t_grid)[None]
-  sd["decoder_pos_embed_v"] = sincos_2d(dd, side, side)[None]
+  sd["decoder_pos_embed_a"] = sincos_2d(model.decoder_embed_dim, f_grid, t_grid)[None]
+  sd["decoder_pos_embed_v"] = sincos_2d(model.decoder_embed_dim, side, side)[None]
+  d = model.embed_dim
   ka = np.asarray(params["patch_embed_a"]["kernel"])  # [(f, t), D]
   sd["patch_embed_a.proj.weight"] = ka.T.reshape(d, 1, p, p)
   sd["patch_embed_a.proj.bias"] = np.asarray(params["patch_embed_a"]["bias"])
@@ -94,29 +99,138 @@ def to_official(params: Params, model: Any) -> dict[str, np.ndarray]:
   return {k: np.ascontiguousarray(v, np.float32) for k, v in sd.items()}
 
 
+def _is_decoder(key: str) -> bool:
+  return key == "mask_token" or key.startswith("decoder_")
+
+
+def _is_video(key: str) -> bool:
+  return key.split(".")[0] in _VIDEO_PREFIXES
+
+
+# Which keys of the pretraining layout each official model has (in the same order).
+VARIANTS = {
+    "pretrain": lambda key: True,
+    "finetune": lambda key: not _is_decoder(key),
+    "finetune_audio": lambda key: not _is_decoder(key) and not _is_video(key),
+}
+
+
+def init_head(embed_dim: int, num_classes: int, seed: int = 0) -> dict[str, np.ndarray]:
+  """A fresh `mlp_head` (LayerNorm, Linear) initialised as the official finetuning model
+  does (LayerNorm 1/0, Xavier-uniform weight, zero bias): the finetuning layouts need one and
+  a pretrained checkpoint has none."""
+  bound = np.sqrt(6.0 / (embed_dim + num_classes))
+  weight = np.random.default_rng(seed).uniform(-bound, bound, (num_classes, embed_dim))
+  return {"mlp_head.0.weight": np.ones(embed_dim, np.float32),
+          "mlp_head.0.bias": np.zeros(embed_dim, np.float32),
+          "mlp_head.1.weight": weight.astype(np.float32),
+          "mlp_head.1.bias": np.zeros(num_classes, np.float32)}
+
+
+def to_official(params: Params, model: Any, variant: str = "pretrain",
+                head: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+  """The official model's state_dict (same keys, order, shapes) of our parameters.
+
+  `model` is the CAVMAE module (or its config) for the geometry: patch_size, audio grid,
+  image_size, embed widths. The finetuning variants need `head` (mlp_head.* arrays, e.g.
+  from `init_head`); the pretraining layout takes none.
+  """
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown CAV-MAE layout {variant!r}; one of {sorted(VARIANTS)}")
+  if (head is None) != (variant == "pretrain"):
+    raise ValueError(f"layout {variant!r} {'needs' if head is None else 'takes no'} "
+                     "mlp_head weights")
+  sd = {k: v for k, v in _pretrain_layout(params, model).items() if VARIANTS[variant](k)}
+  if head is not None:
+    want = init_head(model.embed_dim, 1)
+    if sorted(head) != sorted(want) or head["mlp_head.0.weight"].shape != want[
+        "mlp_head.0.weight"].shape:
+      raise ValueError(f"mlp_head needs {sorted(want)} for embed_dim {model.embed_dim}, got "
+                       f"{ {k: np.shape(v) for k, v in head.items()} }")
+    sd.update({k: np.ascontiguousarray(head[k], np.float32) for k in want})
+  return sd
+
+
+def to_timm(params: Params, model: Any, modality: str) -> tuple[dict[str, np.ndarray],
+                                                                dict[str, Any]]:
+  """One modality's encoder (its blocks, then the shared block as that modality passes
+  through it, then norm_a / norm_v) as a timm `VisionTransformer` state_dict, and the
+  constructor arguments that model needs (see `timm_kwargs`). The modality embedding is folded
+  into `pos_embed` (timm adds one position embedding). Audio input is the normalised log-mel
+  transposed, [B, 1, mel_bins, frames]; video [B, 3, H, W]."""
+  if modality not in ("a", "v"):
+    raise ValueError(f"modality must be 'a' or 'v', got {modality!r}")
+  sd_all = _pretrain_layout(params, model)
+  blocks = [f"blocks_{modality}.{i}" for i in range(_count(params, f"blocks_{modality}"))]
+  shared = [f"blocks_u.{i}" for i in range(_count(params, "blocks_u"))]
+  p = model.patch_size
+  sd = {"pos_embed": sd_all[f"pos_embed_{modality}"] + sd_all[f"modality_{modality}"],
+        "patch_embed.proj.weight": sd_all[f"patch_embed_{modality}.proj.weight"],
+        "patch_embed.proj.bias": sd_all[f"patch_embed_{modality}.proj.bias"]}
+  for i, (prefix, suffix) in enumerate([(b, "") for b in blocks] +
+                                       [(b, f"_{modality}") for b in shared]):
+    for key in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2"):
+      src = key + suffix if key.startswith("norm") else key
+      for leaf in ("weight", "bias"):
+        sd[f"blocks.{i}.{key}.{leaf}"] = sd_all[f"{prefix}.{src}.{leaf}"]
+  for leaf in ("weight", "bias"):
+    sd[f"norm.{leaf}"] = sd_all[f"norm_{modality}.{leaf}"]
+  image = ((model.mel_bins, model.audio_frames) if modality == "a"
+           else (model.image_size, model.image_size))
+  args = {"img_size": list(image), "patch_size": p, "in_chans": 1 if modality == "a" else 3,
+          "num_classes": 0, "global_pool": "avg", "embed_dim": model.embed_dim,
+          "depth": len(blocks) + len(shared), "num_heads": model.num_heads,
+          "mlp_ratio": model.mlp_ratio, "class_token": False, "fc_norm": False,
+          "norm_eps": 1e-5}
+  return {k: np.ascontiguousarray(v, np.float32) for k, v in sd.items()}, args
+
+
+def timm_kwargs(args: dict[str, Any]) -> dict[str, Any]:
+  """`VisionTransformer(**timm_kwargs(args))` for the `args` of `to_timm` (LayerNorm eps 1e-5,
+  PyTorch's default, where timm defaults to 1e-6)."""
+  import functools
+  import torch  # lazy: only the torch side needs it
+  kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()
+            if k != "norm_eps"}
+  kwargs["norm_layer"] = functools.partial(torch.nn.LayerNorm, eps=args["norm_eps"])
+  return kwargs
+
+
+def _zeros(model: Any) -> Params:
+  """Zero parameters of `model` (a CAVMAE module); np.zeros pages are not touched until
+  written, so this is cheap even at base size."""
+  batch_a = jnp.zeros((1, model.audio_frames, model.mel_bins))
+  frames = jnp.zeros((1, model.image_size, model.image_size, 3))
+  keep_a = masking.keep_all(1, model.num_audio_tokens)
+  keep_v = masking.keep_all(1, model.num_video_tokens)
+  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), batch_a, frames, keep_a, keep_v))
+  return jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), nn.meta.unbox(boxed)["params"])
+
+
 def from_official(state_dict: dict[str, np.ndarray], model: Any) -> Params:
-  """Our parameters from an official state_dict (a "module." prefix is stripped). The frozen
-  position embeddings must equal our sin-cos constants, else ValueError (trained ones cannot
-  be represented by this model)."""
+  """Our parameters from an official `CAVMAE` state_dict (a "module." prefix is stripped) for
+  `model` (a CAVMAE module). Keys and shapes must be exactly the model's; the frozen position
+  embeddings must equal our sin-cos constants (trained ones cannot be represented). Raises
+  ValueError naming what does not fit."""
   sd = {k.removeprefix("module."): np.asarray(v, np.float32) for k, v in state_dict.items()}
-  try:
-    params = _template(sd, model)
-  except KeyError as e:
-    raise ValueError(f"state_dict does not match the official CAVMAE layout: missing "
-                     f"[{e.args[0]!r}]") from None
-  expected = to_official(params, model)
+  if "mlp_head.1.weight" in sd or "decoder_embed.weight" not in sd:
+    raise ValueError("state_dict is not the official pretraining model CAVMAE (it has "
+                     f"{'an mlp_head' if 'mlp_head.1.weight' in sd else 'no decoder'}: a "
+                     "finetuning model?); only CAVMAE checkpoints can be imported")
+  expected = _pretrain_layout(_zeros(model), model)
   missing, extra = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
   if missing or extra:
-    raise ValueError(f"state_dict does not match the official CAVMAE layout: missing "
-                     f"{missing[:5]}, unexpected {extra[:5]}")
+    raise ValueError(f"state_dict does not match the official CAVMAE layout of this model: "
+                     f"missing {missing[:5]}, unexpected {extra[:5]} (a different depth?)")
   for key, want in expected.items():
     if sd[key].shape != want.shape:
-      raise ValueError(f"state_dict {key} has shape {sd[key].shape}, expected {want.shape}")
+      raise ValueError(f"state_dict {key} has shape {sd[key].shape}, this model needs "
+                       f"{want.shape} (a different size?)")
   for key in ("pos_embed_a", "pos_embed_v", "decoder_pos_embed_a", "decoder_pos_embed_v"):
     if not np.allclose(sd[key], expected[key], atol=1e-5):
       raise ValueError(f"state_dict {key} is not the fixed sin-cos embedding (trained position "
                        "embeddings are not supported by this model)")
-  return params
+  return _template(sd, model)
 
 
 def _template(sd: dict[str, np.ndarray], model: Any) -> Params:

@@ -1,0 +1,32 @@
+"""`python -m avmae.export --workdir=DIR [--step=N] --format=cav_mae|timm --out=PATH`.
+
+See avmae/export/to_torch.py for the formats and the metadata written beside each file.
+"""
+
+from absl import app, flags
+
+from avmae.export import cav_mae_layout, to_torch
+
+
+def define_flags() -> None:
+  flags.DEFINE_string("workdir", None, "Training workdir (python -m avmae.train --workdir).",
+                      required=True)
+  flags.DEFINE_integer("step", None, "Saved step to export; default the latest.")
+  flags.DEFINE_enum("format", "cav_mae", to_torch.FORMATS, "Target layout.")
+  flags.DEFINE_enum("variant", "pretrain", sorted(cav_mae_layout.VARIANTS),
+                    "--format=cav_mae: which official model's layout.")
+  flags.DEFINE_integer("num_classes", 527, "Outputs of the finetuning variants' mlp_head.")
+  flags.DEFINE_bool("module_prefix", False, "Prefix keys with 'module.' (DataParallel, as the "
+                    "released official checkpoints).")
+  flags.DEFINE_string("out", None, "Output file, .safetensors or .pth.", required=True)
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  f = flags.FLAGS
+  to_torch.export(f.workdir, f.out, f.format, f.step, f.variant, f.num_classes, f.module_prefix)
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)

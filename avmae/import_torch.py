@@ -1,0 +1,82 @@
+"""Import an official CAV-MAE PyTorch checkpoint as an avmae training workdir.
+
+    python -m avmae.import_torch --checkpoint=official.pth --config=configs/cav_mae.py:base \
+        --workdir=DIR
+
+The checkpoint (a `CAVMAE` pretraining state_dict, with or without DataParallel's `module.`
+prefix; .pth or .safetensors) becomes checkpoint step 0 of DIR, with a fresh optimizer state
+and the config in DIR/config.json: `python -m avmae.train --workdir=DIR` continues pretraining
+from it and `python -m avmae.probe` (checkpoint_dir=DIR) probes it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from absl import app, flags
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from ml_collections import config_flags
+
+from avmae import checkpoint, optim, sharding, train
+from avmae.export import cav_mae_layout, files
+from avmae.methods import METHODS
+
+
+def import_checkpoint(checkpoint_path: str, config: ml_collections.ConfigDict,
+                      workdir: str) -> Any:
+  """Writes `workdir` (config.json, checkpoint step 0); returns the imported parameters."""
+  mngr = checkpoint.manager(workdir, config.keep_checkpoints, async_save=False)
+  if mngr.latest_step() is not None:
+    raise ValueError(f"{workdir} already has checkpoints (step {mngr.latest_step()}); "
+                     "import into a new workdir")
+  method = METHODS[config.method](config)
+  try:
+    params = cav_mae_layout.from_official(files.load(checkpoint_path), method.model)
+  except ValueError as e:
+    raise ValueError(f"{checkpoint_path}: {e}") from None
+  mesh = sharding.make_mesh(config.mesh)
+  rules = tuple(tuple(r) for r in config.sharding_rules)
+  # The optimizer state's structure does not depend on the schedule's epoch length.
+  schedule = optim.learning_rate_schedule(config.optimizer, config.total_steps, 1)
+  optimizer = optim.make_optimizer(config.optimizer, schedule)
+  abstract, shardings = train.state_layout(config, method, optimizer, mesh)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    state = jax.jit(lambda: nn.meta.unbox(train.init_state(
+        method, optimizer, train.zeros_batch(config), config.seed)),
+                    out_shardings=shardings)()
+  params = jax.tree.map(lambda x, s: jax.device_put(np.asarray(x, np.float32), s), params,
+                        shardings["params"])
+  state["params"] = params
+  os.makedirs(workdir, exist_ok=True)
+  train.write_run_info(workdir, config)
+  data_state = json.dumps({"next_batch": 0, "num_skipped": 0}).encode()
+  checkpoint.save(mngr, 0, state, data_state, config)
+  mngr.wait_until_finished()
+  mngr.close()
+  print(f"imported {checkpoint_path} ({train.count_params(params):,} parameters) as step 0 "
+        f"of {workdir}", flush=True)
+  return params
+
+
+def define_flags() -> None:
+  flags.DEFINE_string("checkpoint", None, "Official CAV-MAE state_dict (.pth, .safetensors).",
+                      required=True)
+  config_flags.DEFINE_config_file("config", None, "Training config of the same model size.",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "New training workdir to create.", required=True)
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  f = flags.FLAGS
+  import_checkpoint(f.checkpoint, f.config, f.workdir)
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
