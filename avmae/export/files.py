@@ -33,7 +33,7 @@ def save(path: str, state_dict: dict[str, np.ndarray], metadata: dict[str, Any])
   import torch  # lazy: export is the only torch user
   suffix = _suffix(path)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tensors = collections.OrderedDict((k, torch.from_numpy(np.ascontiguousarray(v)))
+  tensors = collections.OrderedDict((k, torch.from_numpy(np.array(v, order="C")))  # a copy
                                     for k, v in state_dict.items())
   tmp = path + ".tmp"
   if suffix == ".safetensors":
