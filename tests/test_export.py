@@ -108,7 +108,14 @@ def test_official_layouts_of_every_variant_and_the_pytorch_module():
   method = METHODS[base.method](base)
   abstract = sharding.strip_logical_names(jax.eval_shape(
       lambda: method.init(jax.random.key(0), train.zeros_batch(base))["params"]))
+  rng = np.random.default_rng(0)
   zeros = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract)
+  values = jax.tree.map(lambda a: rng.standard_normal(a.shape, np.float32), abstract)
+  official = cav_mae_layout.to_official(values, method.model)
+  back = cav_mae_layout.from_official({"module." + k: v for k, v in official.items()},
+                                      method.model)
+  jax.tree.map(np.testing.assert_array_equal, back, values)  # base round trip, bit-exact
+  del official, back, values
   head = cav_mae_layout.init_head(768, 527)
   for variant, name, kwargs in (
       ("pretrain", "CAVMAE", {}),
@@ -284,3 +291,14 @@ def test_torch_frontend_matches_the_numpy_pipeline():
   # Equal but where float rounding of a bilinear weight lands a value on the other side of .5.
   off = np.abs(got - ref) > 1e-5
   assert off.mean() < 0.01 and np.abs(got - ref).max() <= 1.01 / 255 / 0.224
+  # The whole front end with an export's preprocessing metadata.
+  meta = {"audio_frames": 100, "image_size": 32, "image_mean": augment.IMAGE_MEAN.tolist(),
+          "image_std": augment.IMAGE_STD.tolist(), "log_mel_mean": -4.0, "log_mel_std": 3.0,
+          "features": {"log_mel": "kaldi", "sample_rate": 16000, "mel_bins": 64,
+                       "frame_length_ms": 25, "frame_shift_ms": 10}}
+  audio, frames = torch_frontend.preprocess(torch.from_numpy(wave), torch.from_numpy(images),
+                                            meta)
+  ref_audio = augment.normalize_log_mel(augment.crop_or_pad(
+      features.kaldi_fbank(wave, 16000, 64), 100), -4.0, 3.0)
+  np.testing.assert_allclose(audio[0].numpy(), ref_audio, atol=1e-5, rtol=0)
+  assert frames.shape == (3, 3, 32, 32)
