@@ -4,6 +4,13 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow is imported by interop tests
 
+try:
+  # triton (imported by torch._dynamo, which timm's torchvision imports in the export tests)
+  # segfaults when it is imported after TensorFlow; imported first, both work.
+  import triton  # noqa: F401
+except ImportError:
+  pass
+
 import jax
 
 jax.config.update("jax_num_cpu_devices", 8)
