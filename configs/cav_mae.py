@@ -70,6 +70,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict(dict(
       audio_frames=audio_frames, mel_bins=mel_bins, image_size=image_size, mlp_ratio=4.0,
+      # Recompute activations in the backward pass: "none", "full" or "dots"
+      # (avmae/models/cav_mae.py REMAT_POLICIES); same parameters, less activation memory.
+      remat="none",
       **MODEL_SIZES[size]))
 
   c.masking = ml_collections.ConfigDict(dict(ratio_a=0.75, ratio_v=0.75, mode_a="unstructured"))

@@ -1,5 +1,6 @@
 """Tests run on CPU with 8 simulated devices; datasets are made here, nothing downloads."""
 
+import importlib
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow is imported by interop tests
@@ -7,7 +8,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow is imported by 
 try:
   # triton (imported by torch._dynamo, which timm's torchvision imports in the export tests)
   # segfaults when it is imported after TensorFlow; imported first, both work.
-  import triton  # noqa: F401
+  importlib.import_module("triton")
 except ImportError:
   pass
 

@@ -211,6 +211,31 @@ def test_bad_overrides_fail_before_compiling_and_name_the_key(synthetic_dir, tmp
     train.train(tiny(synthetic_dir, **{"data.batch_size": 12}), str(tmp_path))
   with pytest.raises(ValueError, match=r"mesh .* needs 16 devices"):
     train.train(tiny(synthetic_dir, mesh={"data": 16, "fsdp": 1, "tensor": 1}), str(tmp_path))
+  with pytest.raises(ValueError, match=r"model.remat='some'; one of \['dots', 'full', 'none'\]"):
+    train.train(tiny(synthetic_dir, **{"model.remat": "some"}), str(tmp_path))
+
+
+def test_remat_keeps_parameters_loss_and_gradients():
+  results = {}
+  for remat in ("none", "full", "dots"):
+    c = cav_mae.get_config("tiny")
+    c.data.batch_size, c.model.remat = 4, remat
+    method = METHODS[c.method](c)
+    batch = train.zeros_batch(c)
+    batch["audio"] = jax.random.normal(jax.random.key(1), batch["audio"].shape)
+    batch["frames"] = jax.random.randint(jax.random.key(2), batch["frames"].shape, 0, 256
+                                         ).astype(batch["frames"].dtype)
+    params = sharding.strip_logical_names(method.init(jax.random.key(0), batch))["params"]
+    loss_and_grad = jax.jit(jax.value_and_grad(
+        lambda p: method.loss_fn(p, batch, jax.random.key(3))[0]))
+    results[remat] = (params, *loss_and_grad(params))
+  params, loss, grads = results["none"]
+  for remat in ("full", "dots"):
+    # Same parameter tree (checkpoints are interchangeable), same loss and gradients.
+    assert jax.tree.structure(results[remat][0]) == jax.tree.structure(params)
+    np.testing.assert_allclose(results[remat][1], loss, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 results[remat][2], grads)
 
 
 @pytest.mark.parametrize("size", sorted(cav_mae.MODEL_SIZES))

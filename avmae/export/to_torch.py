@@ -40,6 +40,12 @@ def _preprocessing(config: Any) -> dict[str, Any]:
   return out
 
 
+def architecture(model_config: Any) -> dict[str, Any]:
+  """config.model without what only concerns training (`remat`): the arguments the PyTorch
+  CAVMAE (torch_cav_mae.py) takes."""
+  return {k: v for k, v in model_config.to_dict().items() if k != "remat"}
+
+
 def export(workdir: str, out: str, fmt: str = "cav_mae", step: int | None = None,
            variant: str = "pretrain", num_classes: int = 527, module_prefix: bool = False,
            seed: int = 0) -> list[str]:
@@ -67,7 +73,7 @@ def export(workdir: str, out: str, fmt: str = "cav_mae", step: int | None = None
     sd = cav_mae_layout.to_official(params, model, variant, head)
     if module_prefix:
       sd = {"module." + k: v for k, v in sd.items()}
-    args = dict(config.model.to_dict(), decoder=variant == "pretrain",
+    args = dict(architecture(config.model), decoder=variant == "pretrain",
                 video=variant != "finetune_audio",
                 num_classes=0 if variant == "pretrain" else num_classes)
     files.save(out, sd, dict(meta, variant=variant, module_prefix=module_prefix,

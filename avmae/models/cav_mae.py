@@ -20,6 +20,16 @@ from avmae import losses, masking
 from avmae.models.vit import Block, Dense, Dtype, LayerNormParams, constrain, layer_norm, sincos_2d
 
 
+# Rematerialisation per block: "none" keeps every activation; "full" keeps only each block's
+# input and recomputes the rest in the backward pass; "dots" also keeps the matmul outputs
+# that have no batch dimension (the projections), recomputing attention and elementwise ops.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
 def _embedding(name: str, module: nn.Module, dim: int) -> jax.Array:
   init = nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, None, "embed"))
   return module.param(name, init, (1, 1, dim), jnp.float32)
@@ -40,6 +50,7 @@ class CAVMAE(nn.Module):
   decoder_depth: int
   decoder_num_heads: int
   dtype: Dtype = jnp.float32
+  remat: str = "none"  # a key of REMAT_POLICIES: what each block keeps for the backward pass
 
   @property
   def audio_grid(self) -> tuple[int, int]:
@@ -55,7 +66,13 @@ class CAVMAE(nn.Module):
     return (self.image_size // self.patch_size) ** 2
 
   def _blocks(self, prefix: str, depth: int, heads: int) -> list[Block]:
-    return [Block(heads, self.mlp_ratio, self.dtype, name=f"{prefix}_{i}") for i in range(depth)]
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"model.remat={self.remat!r}; one of {sorted(REMAT_POLICIES)}")
+    block = Block
+    if self.remat != "none":  # same parameter names: checkpoints do not depend on it
+      # `modality` (a str or None) is static; callers always pass it, as remat needs.
+      block = nn.remat(Block, policy=REMAT_POLICIES[self.remat], static_argnums=(2,))
+    return [block(heads, self.mlp_ratio, self.dtype, name=f"{prefix}_{i}") for i in range(depth)]
 
   def setup(self):
     p, d = self.patch_size, self.embed_dim
@@ -113,9 +130,9 @@ class CAVMAE(nn.Module):
     the contrastive loss pools, as the official forward_encoder.
     """
     for block in self.blocks_a:
-      a = block(a)
+      a = block(a, None)
     for block in self.blocks_v:
-      v = block(v)
+      v = block(v, None)
     joint = self._shared(jnp.concatenate([a, v], axis=1), None)
     return {
         "latent": layer_norm(joint, self.norm(self.embed_dim), self.dtype),
@@ -134,9 +151,9 @@ class CAVMAE(nn.Module):
                               masking.keep_all(batch, self.num_video_tokens))
     layers_a, layers_v = [a], [v]
     for block in self.blocks_a:
-      layers_a.append(block(layers_a[-1]))
+      layers_a.append(block(layers_a[-1], None))
     for block in self.blocks_v:
-      layers_v.append(block(layers_v[-1]))
+      layers_v.append(block(layers_v[-1], None))
     joint = [jnp.concatenate([x, y], axis=1) for x, y in zip(layers_a, layers_v)]
     final = {"audio": (layers_a, "a", self.norm_a), "video": (layers_v, "v", self.norm_v),
              "audio_video": (joint, None, self.norm)}
@@ -167,7 +184,7 @@ class CAVMAE(nn.Module):
     v = v + pos_v + self.decoder_modality_v.astype(self.dtype)
     x = jnp.concatenate([a, v], axis=1)
     for block in self.decoder_blocks:
-      x = block(x)
+      x = block(x, None)
     x = layer_norm(x, self.decoder_norm(self.decoder_embed_dim), self.dtype)
     return (self.decoder_pred_a(x[:, :self.num_audio_tokens]),
             self.decoder_pred_v(x[:, self.num_audio_tokens:]))

@@ -1,6 +1,7 @@
 """Train-step benchmark: compile time, step time, analytic vs XLA FLOPs, MFU, peak memory.
 
-    python experiments/benchmarks/train_step.py [--sizes=tiny,base] [--steps=5]
+    python experiments/benchmarks/train_step.py [--sizes=tiny,base] [--steps=5] \
+        [--remat=none,full,dots]
 
 For each model size it compiles the real train step (the trainer's `make_train_step`, same
 shardings, donated state) on a mesh over the local devices, with random inputs (no data
@@ -11,6 +12,11 @@ needed). It prints:
   - achieved FLOP/s against a large matmul's FLOP/s measured in the same run (the machine's
     practical peak), i.e. MFU;
   - peak memory per device from XLA's memory analysis at a few batch sizes (compile only).
+Each for every `--remat` policy (config.model.remat): recomputation trades step time (the
+analytic FLOPs do not count it, so MFU drops) for activation memory. The memory table also
+gives the bytes the forward pass saves for the backward pass (jax.vjp residuals, per device),
+which remat shrinks on any backend; XLA:CPU's peak estimate does not show that saving (its
+schedule keeps the recomputed activations as long), so read the CPU peak with that in mind.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ _TIME_BATCH = flags.DEFINE_list("time_batch", ["tiny:32", "base:4"],
                                 "per step on a CPU).")
 _MEMORY_BATCHES = flags.DEFINE_list("memory_batches", ["tiny:32:128", "base:4:48"],
                                     "size:batch:batch... for the memory analysis.")
+_REMAT = flags.DEFINE_list("remat", ["none", "full"], "Rematerialisation policies to compare.")
 _MATMUL = flags.DEFINE_integer("matmul", 4096, "Side of the square matmul for the peak.")
 
 
@@ -53,10 +60,11 @@ def _per_size(items: list[str]) -> dict[str, str]:
   return dict(item.split(":", 1) for item in items)
 
 
-def compile_step(size: str, batch_size: int):
-  """(config, compiled step, state, batch, compile seconds) for one size and batch."""
+def compile_step(size: str, batch_size: int, remat: str):
+  """(config, compiled step, state, batch, compile seconds) for one size, batch and policy."""
   config = cav_mae.get_config(size)
   config.data.batch_size = batch_size
+  config.model.remat = remat
   mesh = sharding.make_mesh(config.mesh)
   rules = tuple(tuple(r) for r in config.sharding_rules)
   method = METHODS[config.method](config)
@@ -81,6 +89,17 @@ def compile_step(size: str, batch_size: int):
   return config, mesh, rules, compiled, state, batch, seconds
 
 
+def saved_for_backward_bytes(config) -> int:
+  """Bytes the forward pass keeps for the backward pass (the residuals of jax.vjp of the loss:
+  activations plus the parameters the backward reads), from shapes only."""
+  method = METHODS[config.method](config)
+  batch = train.zeros_batch(config)
+  params = jax.eval_shape(lambda: nn.meta.unbox(method.init(jax.random.key(0), batch))["params"])
+  residuals = jax.eval_shape(lambda p: jax.vjp(
+      lambda q: method.loss_fn(q, batch, jax.random.key(1))[0], p)[1], params)
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(residuals))
+
+
 def peak_bytes(compiled) -> int:
   m = compiled.memory_analysis()
   return (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
@@ -97,9 +116,9 @@ def main(argv: list[str]) -> None:
         f"bfloat16 {peak16 / 1e9:.1f} GFLOP/s\n")
   time_batch = _per_size(_TIME_BATCH.value)
   rows = []
-  for size in _SIZES.value:
+  for size, remat in ((size, remat) for size in _SIZES.value for remat in _REMAT.value):
     config, mesh, rules, compiled, state, batch, compile_s = compile_step(
-        size, int(time_batch[size]))
+        size, int(time_batch[size]), remat)
     analytic = flops.cav_mae_train_step_flops(config)
     xla = float(compiled.cost_analysis()["flops"]) * mesh.size
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -112,33 +131,36 @@ def main(argv: list[str]) -> None:
     step_s = (time.perf_counter() - start) / _STEPS.value
     peak = peak16 if config.dtype == "bfloat16" else peak32
     achieved = analytic / step_s / mesh.size
-    rows.append((size, config.data.batch_size, config.dtype, compile_s, step_s, analytic, xla,
+    rows.append((size, remat, config.data.batch_size, config.dtype, compile_s, step_s, analytic, xla,
                  xla / analytic, achieved, achieved / peak))
     del state, batch, compiled
 
-  header = (f"{'size':<6}{'batch':>6}{'dtype':>10}{'compile s':>11}{'step s':>10}"
+  header = (f"{'size':<6}{'remat':>6}{'batch':>6}{'dtype':>10}{'compile s':>11}{'step s':>10}"
             f"{'analytic GF':>13}{'XLA GF':>11}{'XLA/analytic':>14}{'GFLOP/s/dev':>13}"
             f"{'MFU':>8}")
   print(header)
   for r in rows:
-    print(f"{r[0]:<6}{r[1]:>6}{r[2]:>10}{r[3]:>11.1f}{r[4]:>10.3f}{r[5] / 1e9:>13.1f}"
-          f"{r[6] / 1e9:>11.1f}{r[7]:>14.3f}{r[8] / 1e9:>13.1f}{r[9]:>8.1%}")
+    print(f"{r[0]:<6}{r[1]:>6}{r[2]:>6}{r[3]:>10}{r[4]:>11.1f}{r[5]:>10.3f}{r[6] / 1e9:>13.1f}"
+          f"{r[7] / 1e9:>11.1f}{r[8]:>14.3f}{r[9] / 1e9:>13.1f}{r[10]:>8.1%}")
   print("\nMFU = analytic FLOPs / step time / devices, over the matmul peak of the step's "
         "compute dtype.\n")
 
-  print(f"{'size':<6}{'batch':>6}{'peak memory / device':>24}{'per added example':>20}")
-  for item in _MEMORY_BATCHES.value:
+  print(f"{'size':<6}{'remat':>6}{'batch':>6}{'peak memory / device':>24}"
+        f"{'per added example':>20}{'saved for backward':>21}")
+  for item, remat in ((i, r) for i in _MEMORY_BATCHES.value for r in _REMAT.value):
     size, *batches = item.split(":")
     if size not in _SIZES.value:
       continue
     previous = None
     for b in sorted(int(x) for x in batches):
-      _, mesh, _, compiled, state, batch, _ = compile_step(size, b)
+      config, mesh, _, compiled, state, batch, _ = compile_step(size, b, remat)
       bytes_ = peak_bytes(compiled)
       # The state (parameters, Adam moments) is a fixed cost; activations grow per example.
       marginal = ("" if previous is None else
                   f"{(bytes_ - previous[1]) / (b - previous[0]) * mesh.size / 2**20:>15.1f} MiB")
-      print(f"{size:<6}{b:>6}{bytes_ / 2**30:>21.2f} GiB{marginal:>20}")
+      saved = saved_for_backward_bytes(config) / mesh.size
+      print(f"{size:<6}{remat:>6}{b:>6}{bytes_ / 2**30:>21.2f} GiB{marginal:>20}"
+            f"{saved / 2**30:>17.2f} GiB")
       previous = (b, bytes_)
       del state, batch, compiled
 
