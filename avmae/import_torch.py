@@ -44,14 +44,12 @@ def import_checkpoint(checkpoint_path: str, config: ml_collections.ConfigDict,
   # The optimizer state's structure does not depend on the schedule's epoch length.
   schedule = optim.learning_rate_schedule(config.optimizer, config.total_steps, 1)
   optimizer = optim.make_optimizer(config.optimizer, schedule)
-  abstract, shardings = train.state_layout(config, method, optimizer, mesh)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    state = jax.jit(lambda: nn.meta.unbox(train.init_state(
-        method, optimizer, train.zeros_batch(config), config.seed)),
-                    out_shardings=shardings)()
+  _, shardings = train.state_layout(config, method, optimizer, mesh)
   params = jax.tree.map(lambda x, s: jax.device_put(np.asarray(x, np.float32), s), params,
                         shardings["params"])
-  state["params"] = params
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    state = jax.jit(lambda p: train.state_from_params(optimizer, p),
+                    out_shardings=shardings)(params)
   os.makedirs(workdir, exist_ok=True)
   train.write_run_info(workdir, config)
   data_state = json.dumps({"next_batch": 0, "num_skipped": 0}).encode()

@@ -151,10 +151,14 @@ def make_train_step(method, optimizer: optax.GradientTransformation, schedule, s
   return train_step
 
 
-def init_state(method, optimizer, batch, seed: int) -> dict[str, Any]:
-  params = method.init(jax.random.key(seed), batch)["params"]
+def state_from_params(optimizer, params: Any) -> dict[str, Any]:
+  """A train state at step 0 with `params` and a fresh optimizer state."""
   return {"step": jnp.zeros((), jnp.int32), "params": params,
           "opt_state": optimizer.init(params), "nonfinite_step": -jnp.ones((), jnp.int32)}
+
+
+def init_state(method, optimizer, batch, seed: int) -> dict[str, Any]:
+  return state_from_params(optimizer, method.init(jax.random.key(seed), batch)["params"])
 
 
 def zeros_batch(config: ml_collections.ConfigDict) -> dict[str, jax.Array]:

@@ -61,3 +61,20 @@ def write_dataset(out_dir, num_train: int = 37, num_eval: int = 11, num_shards: 
 def dataset_dir(tmp_path_factory) -> str:
   """A small dataset of 37 train clips in 3 shards and 11 eval clips. Do not modify it."""
   return write_dataset(tmp_path_factory.mktemp("dataset"))
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> tuple[str, str]:
+  """(synthetic dataset, tiny training workdir with checkpoints at steps 2 and 4), for the
+  tests that read a trained run (probe, export). Do not modify either."""
+  from avmae import train
+  from configs import cav_mae
+  from data_prep import make_synthetic
+  data = str(tmp_path_factory.mktemp("tiny_data"))
+  make_synthetic.make_synthetic(data, num_train=48, num_eval=16, num_shards=2)
+  workdir = str(tmp_path_factory.mktemp("tiny_run"))
+  c = cav_mae.get_config("tiny")
+  c.data.dir, c.data.batch_size = data, 16
+  c.total_steps, c.checkpoint_every_steps, c.log_every_steps, c.image_every_steps = 4, 2, 2, 4
+  train.train(c, workdir)
+  return data, workdir

@@ -18,7 +18,6 @@ from avmae.export import cav_mae_layout, files, to_torch, torch_cav_mae, torch_f
 from avmae.import_torch import import_checkpoint
 from avmae.methods import METHODS
 from configs import cav_mae
-from data_prep import make_synthetic
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FIXTURE = REPO.parent / "shared" / "fixtures" / "reference_state_dicts" / "cav_mae.txt"
@@ -138,28 +137,15 @@ def test_official_layouts_of_every_variant_and_the_pytorch_module():
     cav_mae_layout.to_official(tiny_params, tiny, "finetune", head)
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-  """A synthetic dataset and a tiny training run with a checkpoint at step 2."""
-  data = str(tmp_path_factory.mktemp("data"))
-  make_synthetic.make_synthetic(data, num_train=32, num_eval=16, num_shards=1)
-  workdir = str(tmp_path_factory.mktemp("run"))
-  c = cav_mae.get_config("tiny")
-  c.data.dir, c.data.batch_size = data, 16
-  c.total_steps, c.checkpoint_every_steps, c.log_every_steps, c.image_every_steps = 2, 2, 2, 2
-  train.train(c, workdir)
-  return data, workdir
-
-
-def _checkpoint_params(workdir, step=2):
+def _checkpoint_params(workdir, step=4):  # the latest step of tiny_run, what export takes
   config = extract.training_config(workdir)
   mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
   model, params = extract.load_params(config, mesh, workdir, step, 0)
   return model, jax.tree.map(np.asarray, jax.device_get(params))
 
 
-def test_export_cli_round_trip_is_bit_exact_and_loads_strictly(run_dir, tmp_path):
-  data, workdir = run_dir
+def test_export_cli_round_trip_is_bit_exact_and_loads_strictly(tiny_run, tmp_path):
+  data, workdir = tiny_run
   model, params = _checkpoint_params(workdir)
   pth = str(tmp_path / "cav_mae.pth")
   subprocess.run([sys.executable, "-m", "avmae.export", f"--workdir={workdir}",
@@ -171,7 +157,7 @@ def test_export_cli_round_trip_is_bit_exact_and_loads_strictly(run_dir, tmp_path
     back = cav_mae_layout.from_official(sd, model)
     jax.tree.map(np.testing.assert_array_equal, back, params)  # bit-exact
     meta = json.load(open(path + ".json"))
-    assert meta["source"]["step"] == 2 and meta["preprocessing"]["features"]["mel_bins"] == 64
+    assert meta["source"]["step"] == 4 and meta["preprocessing"]["features"]["mel_bins"] == 64
     tm = torch_cav_mae.CAVMAE(**meta["torch_cav_mae_args"])
     tm.load_state_dict({k.removeprefix("module."): torch.from_numpy(v) for k, v in sd.items()},
                        strict=True)
@@ -185,9 +171,9 @@ def test_export_cli_round_trip_is_bit_exact_and_loads_strictly(run_dir, tmp_path
   assert tm.classify(torch.zeros(2, 128, 64), None, "audioonly").shape == (2, 8)
 
 
-def test_timm_export_gives_the_same_encoder_outputs(run_dir, tmp_path):
+def test_timm_export_gives_the_same_encoder_outputs(tiny_run, tmp_path):
   from timm.models.vision_transformer import VisionTransformer
-  _, workdir = run_dir
+  _, workdir = tiny_run
   model, params = _checkpoint_params(workdir)
   paths = to_torch.export(workdir, str(tmp_path / "enc.safetensors"), fmt="timm")
   assert [os.path.basename(p) for p in paths] == ["enc_audio.safetensors",
@@ -212,8 +198,8 @@ def test_timm_export_gives_the_same_encoder_outputs(run_dir, tmp_path):
     assert _rel(np.asarray(states[mode][-1]).mean(1), pooled.numpy()) < 1e-5
 
 
-def test_import_cli_makes_a_workdir_that_trains_and_probes(run_dir, tmp_path, capsys):
-  data, workdir = run_dir
+def test_import_cli_makes_a_workdir_that_trains_and_probes(tiny_run, tmp_path, capsys):
+  data, workdir = tiny_run
   model, params = _checkpoint_params(workdir)
   official = str(tmp_path / "official.pth")
   files.save(official, {"module." + k: v for k, v in cav_mae_layout.to_official(
@@ -234,8 +220,8 @@ def test_import_cli_makes_a_workdir_that_trains_and_probes(run_dir, tmp_path, ca
   assert extract.saved_steps(imported) == [0, 1]
 
 
-def test_import_and_export_fail_loudly(run_dir, tmp_path):
-  _, workdir = run_dir
+def test_import_and_export_fail_loudly(tiny_run, tmp_path):
+  _, workdir = tiny_run
   model, params = _checkpoint_params(workdir)
   sd = cav_mae_layout.to_official(params, model)
   path = str(tmp_path / "x.pth")

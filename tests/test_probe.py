@@ -16,19 +16,6 @@ from configs import probe as probe_config
 from data_prep import make_synthetic
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-  """A synthetic dataset and a tiny training run with checkpoints at steps 2 and 4."""
-  data = str(tmp_path_factory.mktemp("data"))
-  make_synthetic.make_synthetic(data, num_train=48, num_eval=16, num_shards=2)
-  workdir = str(tmp_path_factory.mktemp("run"))
-  c = cav_mae.get_config("tiny")
-  c.data.dir, c.data.batch_size = data, 16
-  c.total_steps, c.checkpoint_every_steps, c.log_every_steps, c.image_every_steps = 4, 2, 2, 4
-  train.train(c, workdir)
-  return data, workdir
-
-
 def _probe_config(data, workdir, **overrides):
   c = probe_config.get_config(workdir)
   c.data.dir, c.data.batch_size = data, 16
@@ -37,8 +24,8 @@ def _probe_config(data, workdir, **overrides):
   return c
 
 
-def test_features_are_the_same_on_1_and_8_devices(run_dir, tmp_path):
-  data, workdir = run_dir
+def test_features_are_the_same_on_1_and_8_devices(tiny_run, tmp_path):
+  data, workdir = tiny_run
   config = extract.training_config(workdir)
   probe_data = probe._data_config(_probe_config(data, workdir), config, data)
   out = {}
@@ -52,8 +39,8 @@ def test_features_are_the_same_on_1_and_8_devices(run_dir, tmp_path):
   np.testing.assert_array_equal(np.sort(out[1]["record_index"]), np.arange(16))
 
 
-def test_cache_is_reused_and_invalidated_by_a_new_checkpoint(run_dir, tmp_path):
-  data, workdir = run_dir
+def test_cache_is_reused_and_invalidated_by_a_new_checkpoint(tiny_run, tmp_path):
+  data, workdir = tiny_run
   config = extract.training_config(workdir)
   probe_data = probe._data_config(_probe_config(data, workdir), config, data)
   mesh = sharding.make_mesh({"data": 8, "fsdp": 1, "tensor": 1})
@@ -71,8 +58,8 @@ def test_cache_is_reused_and_invalidated_by_a_new_checkpoint(run_dir, tmp_path):
   assert len(os.listdir(cache)) == 3
 
 
-def test_probe_writes_results_for_every_step(run_dir, tmp_path):
-  data, workdir = run_dir
+def test_probe_writes_results_for_every_step(tiny_run, tmp_path):
+  data, workdir = tiny_run
   rows = probe.run(_probe_config(data, workdir, steps="all"), str(tmp_path))
   assert {r["step"] for r in rows} == {2, 4}
   saved = json.load(open(tmp_path / "results.json"))
@@ -93,8 +80,8 @@ def test_probe_writes_results_for_every_step(run_dir, tmp_path):
   assert (tmp_path / "sweep.png").stat().st_size > 10_000
 
 
-def test_mismatched_checkpoint_or_dataset_fails_clearly(run_dir, tmp_path):
-  data, workdir = run_dir
+def test_mismatched_checkpoint_or_dataset_fails_clearly(tiny_run, tmp_path):
+  data, workdir = tiny_run
   other_data = str(tmp_path / "data128")
   make_synthetic.make_synthetic(other_data, num_train=8, num_eval=8, mel_bins=128,
                                 num_shards=1)
@@ -131,8 +118,8 @@ def test_pretrained_tiny_encoder_probes_better_than_random_init(tmp_path):
   assert top1[False] > top1[True] + 0.05, top1
 
 
-def test_weighted_layers_and_all_frames(run_dir, tmp_path):
-  data, workdir = run_dir
+def test_weighted_layers_and_all_frames(tiny_run, tmp_path):
+  data, workdir = tiny_run
   config = _probe_config(data, workdir, layer="weighted", modes=("audio", "video"),
                          retrieval=False)
   config.data.all_frames = True

@@ -18,6 +18,7 @@ are written on export and checked (not loaded) on import.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -142,11 +143,11 @@ def to_official(params: Params, model: Any, variant: str = "pretrain",
                      "mlp_head weights")
   sd = {k: v for k, v in _pretrain_layout(params, model).items() if VARIANTS[variant](k)}
   if head is not None:
-    want = init_head(model.embed_dim, 1)
-    if sorted(head) != sorted(want) or head["mlp_head.0.weight"].shape != want[
-        "mlp_head.0.weight"].shape:
-      raise ValueError(f"mlp_head needs {sorted(want)} for embed_dim {model.embed_dim}, got "
-                       f"{ {k: np.shape(v) for k, v in head.items()} }")
+    classes = len(np.asarray(head.get("mlp_head.1.bias", ())))
+    want = {k: v.shape for k, v in init_head(model.embed_dim, classes).items()}
+    got = {k: np.shape(v) for k, v in head.items()}
+    if got != want:
+      raise ValueError(f"mlp_head needs {want} for embed_dim {model.embed_dim}, got {got}")
     sd.update({k: np.ascontiguousarray(head[k], np.float32) for k in want})
   return sd
 
@@ -188,7 +189,6 @@ def to_timm(params: Params, model: Any, modality: str) -> tuple[dict[str, np.nda
 def timm_kwargs(args: dict[str, Any]) -> dict[str, Any]:
   """`VisionTransformer(**timm_kwargs(args))` for the `args` of `to_timm` (LayerNorm eps 1e-5,
   PyTorch's default, where timm defaults to 1e-6)."""
-  import functools
   import torch  # lazy: only the torch side needs it
   kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()
             if k != "norm_eps"}
@@ -197,8 +197,8 @@ def timm_kwargs(args: dict[str, Any]) -> dict[str, Any]:
 
 
 def _zeros(model: Any) -> Params:
-  """Zero parameters of `model` (a CAVMAE module); np.zeros pages are not touched until
-  written, so this is cheap even at base size."""
+  """Zero parameters of `model` (a CAVMAE module): the reference for the keys and shapes an
+  import must have (about 0.8 GB at base size, once per import)."""
   batch_a = jnp.zeros((1, model.audio_frames, model.mel_bins))
   frames = jnp.zeros((1, model.image_size, model.image_size, 3))
   keep_a = masking.keep_all(1, model.num_audio_tokens)

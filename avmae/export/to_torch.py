@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from avmae import extract, sharding
-from avmae.data import augment, dataset_info
+from avmae.data import augment, dataset_info, errors
 from avmae.export import cav_mae_layout, files
 
 FORMATS = ("cav_mae", "timm")
@@ -32,7 +32,7 @@ def _preprocessing(config: Any) -> dict[str, Any]:
          "image_mean": augment.IMAGE_MEAN.tolist(), "image_std": augment.IMAGE_STD.tolist()}
   try:
     info = dataset_info.load(config.data.dir)
-  except Exception as e:  # a moved or deleted dataset must not block an export
+  except errors.SchemaError as e:  # a moved or deleted dataset must not block an export
     print(f"warning: no log-mel statistics in the metadata: {e}", flush=True)
     return out
   out.update(log_mel_mean=info["log_mel_stats"]["mean"], log_mel_std=info["log_mel_stats"]["std"],

@@ -228,7 +228,8 @@ class CAVMAE(nn.Module):
     `num_visible_a` audio); mask tokens are appended per modality and unshuffled."""
     x = self.decoder_embed(latent)
     parts = []
-    for part, ids in ((x[:, :num_visible_a], ids_restore_a), (x[:, num_visible_a:], ids_restore_v)):
+    for part, ids in ((x[:, :num_visible_a], ids_restore_a),
+                      (x[:, num_visible_a:], ids_restore_v)):
       fill = self.mask_token.expand(x.shape[0], ids.shape[1] - part.shape[1], -1)
       parts.append(_gather(torch.cat([part, fill], dim=1), ids))
     a = parts[0] + self.decoder_pos_embed_a + self.decoder_modality_a
