@@ -99,19 +99,24 @@ def main(argv: list[str]) -> None:
   print(f"  saved {curves}, {os.path.join(workdir, 'reconstructions.png')}, "
         f"{os.path.join(workdir, 'summary.json')}")
 
-  _step(5, "linear probes: pretrained vs randomly initialised encoder")
-  results = {}
-  for name, random_init in (("pretrained", False), ("random_init", True)):
-    config = probe_config.get_config(train_dir)
-    config.data.dir, config.random_init = data_dir, random_init
-    rows = probe.run(config, os.path.join(workdir, f"probe_{name}"))
-    results[name] = {(r["mode"], r["metric"]): r["value"] for r in rows
-                     if r["selected"] and r["split"] == "test"}
-  print(f"  {'test metric':<34} {'pretrained':>11} {'random init':>12} {'difference':>11}")
+  _step(5, "linear probes of every saved step vs a randomly initialised encoder")
+  config = probe_config.get_config(train_dir)
+  config.data.dir, config.steps = data_dir, "all"  # random_baseline: a random init beside
+  probe_dir = os.path.join(workdir, "probe")
+  rows = probe.run(config, probe_dir)
+  selected = [r for r in rows if r["selected"] and r["split"] == "test"]
+  final_step = max(r["step"] for r in selected if r["step"] != "random_init")
+  results = {name: {(r["mode"], r["metric"]): r["value"] for r in selected if r["step"] == step}
+             for name, step in (("pretrained", final_step), ("random_init", "random_init"))}
+  print(f"  {'test metric (step ' + str(final_step) + ')':<34} {'pretrained':>11} "
+        f"{'random init':>12} {'difference':>11}")
   for key in sorted(results["pretrained"]):
-    if key[1] in ("top1", "r1"):
+    if key[1] in ("top1", "r1", "r10"):
       a, b = results["pretrained"][key], results["random_init"][key]
       print(f"  {key[0] + ' ' + key[1]:<34} {a:>11.4f} {b:>12.4f} {a - b:>+11.4f}")
+  shutil.copy(os.path.join(probe_dir, "curve.png"), os.path.join(workdir, "probe_curve.png"))
+  print(f"  saved {os.path.join(workdir, 'probe_curve.png')} (test metrics vs step, random "
+        "init dashed)")
   summary["probe"] = {name: {f"{m}/{k}": v for (m, k), v in r.items()}
                       for name, r in results.items()}
   with open(os.path.join(workdir, "summary.json"), "w") as f:

@@ -129,3 +129,47 @@ def plot_sweep(rows: Sequence[dict[str, Any]], path: str) -> None:
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
+
+
+def plot_probe_curve(rows: Sequence[dict[str, Any]], path: str) -> dict[str, tuple]:
+  """Selected test metric against the training step, one line per mode (top-1, or mAP for
+  multi-label data; retrieval R@1 in a second panel), and each mode's random-init result
+  as a dashed line of the same colour. Returns the plotted series {label: (steps, values)}."""
+  test = [r for r in rows if r["selected"] and r["split"] == "test"]
+  if len({r["dataset"] for r in test}) > 1:  # one line per mode and dataset
+    test = [{**r, "mode": f"{r['mode']} {os.path.basename(r['dataset'])}"} for r in test]
+  classification = "top1" if any(r["metric"] == "top1" for r in test) else "map"
+  panels = [(classification, lambda m: not m.startswith("retrieval")),
+            ("r1", lambda m: m.startswith("retrieval"))]
+  panels = [(metric, keep) for metric, keep in panels
+            if any(r["metric"] == metric and keep(r["mode"]) for r in test)]
+  series: dict[str, tuple] = {}
+  if not panels:
+    return series
+  fig, axes = plt.subplots(1, len(panels), squeeze=False, figsize=(4.6 * len(panels), 3.2))
+  for ax, (metric, keep) in zip(axes[0], panels):
+    mine = [r for r in test if r["metric"] == metric and keep(r["mode"])]
+    for k, mode in enumerate(dict.fromkeys(r["mode"] for r in mine)):
+      colour = f"C{k}"
+      points = sorted((r["step"], r["value"]) for r in mine
+                      if r["mode"] == mode and r["step"] != "random_init")
+      random = [r["value"] for r in mine if r["mode"] == mode and r["step"] == "random_init"]
+      if points:
+        steps, values = zip(*points)
+        ax.plot(steps, values, marker="o", ms=3, lw=1.4, color=colour, label=mode)
+        series[mode] = (list(steps), list(values))
+      if random:
+        ax.axhline(random[0], color=colour, ls="--", lw=1.0, label=f"{mode}, random init")
+        series[f"{mode} random_init"] = ([], [random[0]])
+    if metric == "r1" and mine:
+      chance = 1 / max(r["value"] for r in rows if r["metric"] == "num_queries")
+      ax.axhline(chance, color="grey", ls=":", lw=1.0, label="chance")
+    ax.set_title(f"test {metric} vs pretraining step", fontsize=9)
+    ax.set_xlabel("training step", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return series

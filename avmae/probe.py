@@ -5,7 +5,8 @@ For every checkpoint step x dataset: restore the encoder (onto this mesh), extra
 the train/val/test splits once (cached), train linear heads for every mode over the whole
 learning-rate x weight-decay grid at once (vmapped), pick the best point on validation, report
 it on test, and measure audio<->video retrieval with the contrastive embeddings. Writes
-results.json, results.csv, sweep.png and prints a table.
+results.json, results.csv, sweep.png, curve.png (metric vs training step per mode, a random
+init of the same shape as a dashed line) and prints a table.
 """
 
 from __future__ import annotations
@@ -33,16 +34,17 @@ def _steps(config: ml_collections.ConfigDict) -> list[int | None]:
   if config.random_init:
     return [None]
   saved = extract.saved_steps(config.checkpoint_dir)
+  baseline = [None] if config.random_baseline else []
   if not config.steps:
-    return [saved[-1]]
+    return [saved[-1]] + baseline
   if config.steps == "all":
-    return saved
+    return saved + baseline
   wanted = [int(s) for s in str(config.steps).split(",")]
   missing = sorted(set(wanted) - set(saved))
   if missing:
     raise ValueError(f"config.steps: no checkpoints {missing} in {config.checkpoint_dir}; "
                      f"saved: {saved}")
-  return wanted
+  return wanted + baseline
 
 
 def _data_config(config: ml_collections.ConfigDict, train_config, data_dir: str):
@@ -168,6 +170,7 @@ def write_results(workdir: str, config: ml_collections.ConfigDict,
     w.writeheader()
     w.writerows(rows)
   plots.plot_sweep(rows, os.path.join(workdir, "sweep.png"))
+  plots.plot_probe_curve(rows, os.path.join(workdir, "curve.png"))
   print(summary_table(rows))
 
 

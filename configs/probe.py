@@ -14,6 +14,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.checkpoint_dir = arg  # a training workdir
   c.steps = ""  # "": the latest saved step; "all"; or "1000,2000"
   c.random_init = False  # probe a randomly initialised encoder of the same shape instead
+  # Also probe a random init of the same shape beside the checkpoints (step "random_init"
+  # in the results, the dashed lines of curve.png): the baseline every number needs.
+  c.random_baseline = True
   c.seed = 0
   # data.dir: one dataset, or several separated by commas. Frame/audio sizes come from the
   # checkpoint's config; all_frames averages the features of every frame of a clip.

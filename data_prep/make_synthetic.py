@@ -89,6 +89,8 @@ SPLITS = ("train", "eval")
 _SHAPE_BASE = 0.35  # visibility of the shape between events, so every frame shows it
 _F0_RANGE = (160.0, 320.0)  # Hz, log-uniform
 _RADIUS_RANGE = (0.13, 0.17)  # fractions of the frame size
+_BACKGROUND_RANGE = (0.05, 0.4)  # per RGB channel
+_FOREGROUND_RANGE = (0.6, 1.0)
 
 
 def class_spec(label: int) -> dict[str, str]:
@@ -167,9 +169,13 @@ def render_frames(spec: dict[str, str], intensity: np.ndarray, progress: np.ndar
   lo = margin - np.minimum(move, 0.0)
   hi = size - margin - np.maximum(move, 0.0)
   start = rng.uniform(lo, np.maximum(hi, lo))
-  background = rng.uniform(0.05, 0.95, 3)
+  # The shape is a light that flashes with the sound: brighter than the background in every
+  # channel, of any hue. (A foreground of random polarity, darker or brighter at random,
+  # made shape identity a colour-XOR that a tiny ViT could not learn even with labels:
+  # docs/learning_signal.md.)
+  background = rng.uniform(*_BACKGROUND_RANGE, 3)
   # Rejection among a fixed number of draws keeps the rng stream deterministic.
-  candidates = rng.uniform(0.0, 1.0, (32, 3))
+  candidates = rng.uniform(*_FOREGROUND_RANGE, (32, 3))
   far = np.linalg.norm(candidates - background, axis=1) >= 0.5
   foreground = candidates[np.argmax(far)]
   pixel_noise = rng.uniform(0.0, 0.03)

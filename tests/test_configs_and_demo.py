@@ -32,13 +32,13 @@ def test_demo_runs(tmp_path):
   assert ("examples per class: {0: 64, 1: 64, 2: 64, 3: 64, 4: 64, 5: 64, 6: 64, 7: 64}"
           in out.stdout)
   assert "[4/5] pretraining the tiny CAV-MAE for 20 steps" in out.stdout
-  assert "[5/5] linear probes: pretrained vs randomly initialised encoder" in out.stdout
+  assert "[5/5] linear probes of every saved step vs a randomly initialised encoder" in out.stdout
   for row in ("audio top1", "video top1", "audio_video top1", "retrieval_a2v r1"):
     assert f"  {row} " in out.stdout, row
   summary = json.loads((tmp_path / "summary.json").read_text())
   assert summary["final"]["loss"] < summary["first"]["loss"]
   assert set(summary["probe"]) == {"pretrained", "random_init"}
-  for name in ("clips.png", "loss_curves.png", "reconstructions.png"):
+  for name in ("clips.png", "loss_curves.png", "reconstructions.png", "probe_curve.png"):
     assert (tmp_path / name).stat().st_size > 10_000, name
   picture = tmp_path / "clips.png"
   assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and picture.stat().st_size > 20_000

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from avmae import extract, probe, sharding, train
+from avmae import extract, plots, probe, sharding, train
 from avmae.data import augment, pipeline
 from configs import cav_mae
 from configs import probe as probe_config
@@ -61,7 +61,7 @@ def test_cache_is_reused_and_invalidated_by_a_new_checkpoint(tiny_run, tmp_path)
 def test_probe_writes_results_for_every_step(tiny_run, tmp_path):
   data, workdir = tiny_run
   rows = probe.run(_probe_config(data, workdir, steps="all"), str(tmp_path))
-  assert {r["step"] for r in rows} == {2, 4}
+  assert {r["step"] for r in rows} == {2, 4, "random_init"}
   saved = json.load(open(tmp_path / "results.json"))
   assert saved["rows"] == json.loads(json.dumps(rows))
   with open(tmp_path / "results.csv") as f:
@@ -78,6 +78,27 @@ def test_probe_writes_results_for_every_step(tiny_run, tmp_path):
       assert val[chosen.pop()] == max(val.values())
     assert any(r["mode"] == "retrieval_a2v" and r["metric"] == "r1" for r in rows)
   assert (tmp_path / "sweep.png").stat().st_size > 10_000
+  assert (tmp_path / "curve.png").stat().st_size > 10_000
+
+
+def test_probe_curve_has_a_line_per_mode_and_the_random_init(tiny_run, tmp_path):
+  data, workdir = tiny_run
+  rows = probe.run(_probe_config(data, workdir, steps="all"), str(tmp_path))
+  series = plots.plot_probe_curve(rows, str(tmp_path / "curve_again.png"))
+  modes = ("audio", "video", "audio_video", "retrieval_a2v", "retrieval_v2a")
+  assert set(series) == {*modes, *(f"{m} random_init" for m in modes)}
+  for mode in modes:
+    steps, values = series[mode]
+    assert steps == [2, 4]
+    metric = "r1" if mode.startswith("retrieval") else "top1"
+    expected = [r["value"] for step in (2, 4) for r in rows if r["step"] == step
+                and r["mode"] == mode and r["metric"] == metric and r["selected"]
+                and r["split"] == "test"]
+    assert values == expected
+    (baseline,) = [r["value"] for r in rows if r["step"] == "random_init" and r["mode"] == mode
+                   and r["metric"] == metric and r["selected"] and r["split"] == "test"]
+    assert series[f"{mode} random_init"][1] == [baseline]
+  assert (tmp_path / "curve_again.png").stat().st_size > 10_000
 
 
 def test_mismatched_checkpoint_or_dataset_fails_clearly(tiny_run, tmp_path):
@@ -108,37 +129,9 @@ def test_pretrained_tiny_encoder_probes_better_than_random_init(tmp_path):
   c.data.dir, c.total_steps = data, 200
   c.log_every_steps, c.image_every_steps, c.checkpoint_every_steps = 50, 10_000, 10_000
   train.train(c, workdir)
-  top1 = {}
-  for random_init in (False, True):
-    pc = probe_config.get_config(workdir)
-    pc.data.dir, pc.random_init, pc.modes, pc.retrieval = data, random_init, ("audio",), False
-    rows = probe.run(pc, str(tmp_path / f"probe_{random_init}"))
-    (top1[random_init],) = [r["value"] for r in rows if r["selected"] and r["split"] == "test"
-                            and r["metric"] == "top1"]
-  assert top1[False] > top1[True] + 0.05, top1
-
-
-def test_weighted_layers_and_all_frames(tiny_run, tmp_path):
-  data, workdir = tiny_run
-  config = _probe_config(data, workdir, layer="weighted", modes=("audio", "video"),
-                         retrieval=False)
-  config.data.all_frames = True
-  rows = probe.run(config, str(tmp_path))
-  assert {r["mode"] for r in rows} == {"audio", "video"}
-  assert all(np.isfinite(r["value"]) for r in rows)
-  # With all frames, a clip's features are the mean of its per-frame features.
-  train_config = extract.training_config(workdir)
-  mesh = sharding.make_mesh({"data": 8, "fsdp": 1, "tensor": 1})
-  model, params = extract.load_params(train_config, mesh, workdir, 4, seed=0)
-  data_cfg = probe._data_config(config, train_config, data)
-  feats = extract.extract(model, params, data_cfg, "eval", mesh, None, "all")
-  assert feats["video_layers"].shape == (16, 4, 64)  # embeddings, 2 blocks, final
-  batch = pipeline.first_examples(data_cfg, "eval", 16)  # frames [16, 4, 32, 32, 3]
-  params = jax.device_get(params)
-  per_frame = [model.apply({"params": params}, batch["audio"],
-                           augment.normalize_image(batch["frames"][:, n]), method="features")
-               for n in range(batch["frames"].shape[1])]
-  order = np.argsort(feats["record_index"])
-  for key in ("audio", "video", "audio_video"):
-    expected = np.mean([np.asarray(f[key]) for f in per_frame], axis=0)
-    np.testing.assert_allclose(feats[key][order], expected, rtol=1e-4, atol=1e-5, err_msg=key)
+  pc = probe_config.get_config(workdir)
+  pc.data.dir, pc.modes, pc.retrieval = data, ("audio",), False
+  rows = probe.run(pc, str(tmp_path / "probe"))  # step 200 and a random init beside it
+  top1 = {r["step"]: r["value"] for r in rows if r["selected"] and r["split"] == "test"
+          and r["metric"] == "top1"}
+  assert top1[200] > top1["random_init"] + 0.05, top1

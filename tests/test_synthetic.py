@@ -258,3 +258,16 @@ def test_audio_envelope_drives_visual_intensity(small):
   # another clip -0.02.
   assert matched >= 0.4
   assert abs(shuffled) <= 0.15
+
+
+def test_the_shape_is_brighter_than_the_background_in_every_channel(small):
+  """The shape is a light that flashes with the sound. A foreground of random polarity (darker
+  or brighter at random, as before) made shape identity a colour XOR that the tiny ViT could
+  not learn even from labels (docs/learning_signal.md); this fails on that generator."""
+  _, _, train, _ = small
+  for r in train[:64]:
+    f = r["frames"].astype(np.float64) / 255
+    border = np.median(np.concatenate([f[:, 0], f[:, -1], f[:, :, 0], f[:, :, -1]], 1)
+                       .reshape(-1, 3), 0)
+    shape = contrast(r) > 0.5 * contrast(r).max()
+    assert np.all(f[shape].mean(0) > border + 0.1), (r["clip_id"], f[shape].mean(0), border)
