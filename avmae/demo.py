@@ -3,7 +3,8 @@
 Makes the synthetic audio-visual dataset, reads it back through the input pipeline onto a
 device mesh (summary and a picture of a few clips: spectrogram beside frames), pretrains the
 tiny CAV-MAE on it, writes a summary (loss curves, reconstructions, final metrics), and
-linear-probes the pretrained encoder against a randomly initialised one of the same shape.
+linear-probes every saved step against a randomly initialised encoder of the same shape
+(probe_curve.png).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from data_prep import inspect, make_synthetic
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the dataset and pictures go.",
                                required=True)
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the synthetic dataset and of the shuffle.")
-_STEPS = flags.DEFINE_integer("steps", 300, "Pretraining steps of the tiny model.")
+_STEPS = flags.DEFINE_integer("steps", 0, "Pretraining steps (0: configs/cav_mae.py:demo's).")
 _STEPS_TOTAL = 5
 CURVES = ("loss", "loss_mae_a", "loss_mae_v", "loss_contrastive", "contrastive_accuracy")
 
@@ -76,11 +77,12 @@ def main(argv: list[str]) -> None:
   plots.plot_clips(inspect.read_clips(data_dir, info, "train", 4), picture)
   print(f"  saved {picture}")
 
-  start = _step(4, f"pretraining the tiny CAV-MAE for {_STEPS.value} steps")
-  config = cav_mae.get_config("tiny")
+  config = cav_mae.get_config("demo")  # = python -m avmae.train --config=configs/cav_mae.py:demo
   config.data.dir = data_dir
-  config.total_steps = _STEPS.value
+  config.total_steps = _STEPS.value or config.total_steps
   config.seed = _SEED.value
+  start = _step(4, f"pretraining the tiny CAV-MAE (configs/cav_mae.py:demo) for "
+                   f"{config.total_steps} steps")
   train_dir = os.path.join(workdir, "train")
   final = train.train(config, train_dir)
   records = [json.loads(line) for line in open(os.path.join(train_dir, "metrics.jsonl"))]

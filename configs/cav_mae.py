@@ -1,6 +1,9 @@
-"""CAV-MAE pretraining. `--config=configs/cav_mae.py:SIZE` with SIZE tiny, small, base or large.
+"""CAV-MAE pretraining. `--config=configs/cav_mae.py:SIZE` with SIZE tiny, demo, small, base or
+large.
 
-tiny trains on the synthetic dataset on a CPU; base is the official recipe (AudioSet,
+tiny trains on the synthetic dataset on a CPU (unit tests); demo is the tiny model with the CPU
+recipe that learns in a few minutes (the README demo; docs/learning_signal.md); base is the
+official recipe (AudioSet,
 `run_cavmae_pretrain_base.sh`): global batch 48, Adam (0.95, 0.999) with L2 weight decay
 5e-7, lr 5e-5 with a 1000-step warmup, halved at epochs 10, 15 and 20 of 25, mask 0.75 for
 both modalities, 1024 x 128 audio, one 224 px frame, noise + time-roll augmentation.
@@ -14,6 +17,8 @@ from configs import data
 MODEL_SIZES = {
     "tiny": dict(embed_dim=64, modality_specific_depth=2, shared_depth=1, num_heads=4,
                  decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4, patch_size=8),
+    "demo": dict(embed_dim=64, modality_specific_depth=2, shared_depth=1, num_heads=4,
+                 decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4, patch_size=8),
     "small": dict(embed_dim=384, modality_specific_depth=11, shared_depth=1, num_heads=6,
                   decoder_embed_dim=256, decoder_depth=4, decoder_num_heads=8, patch_size=16),
     "base": dict(embed_dim=768, modality_specific_depth=11, shared_depth=1, num_heads=12,
@@ -23,7 +28,7 @@ MODEL_SIZES = {
 }
 
 # Input geometry: (audio frames, mel bins, image size), tiny matches the synthetic defaults.
-INPUT_SIZES = {"tiny": (128, 64, 32), "small": (1024, 128, 224), "base": (1024, 128, 224),
+INPUT_SIZES = {"tiny": (128, 64, 32), "demo": (128, 64, 32), "small": (1024, 128, 224), "base": (1024, 128, 224),
                "large": (1024, 128, 224)}
 
 # Logical axis -> mesh axes. Parameters: FSDP shards `embed`, tensor parallelism splits the
@@ -43,20 +48,52 @@ SHARDING_RULES = (
 )
 
 
+CPU_SIZES = ("tiny", "demo")
+
+# The demo's CPU recipe over the tiny defaults (docs/learning_signal.md says why each): long
+# enough for the contrastive term to escape its collapsed start, the contrastive term weighed
+# above the reconstruction, both directions, and more of each input visible to the encoders.
+RECIPES = {"demo": {
+    "total_steps": 2000,
+    "checkpoint_every_steps": 250,
+    "keep_checkpoints": 9,
+    "image_every_steps": 500,
+    "loss.contrastive_weight": 3.0,
+    "loss.bidirectional": True,
+    "masking.ratio_a": 0.5,
+    "masking.ratio_v": 0.25,
+}}
+
+
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   size = arg or "tiny"
   if size not in MODEL_SIZES:
     raise ValueError(f"configs/cav_mae.py: unknown size {size!r}; one of {sorted(MODEL_SIZES)}")
-  official = size != "tiny"
+  return override(_base_config(size), RECIPES.get(size, {}))
+
+
+def override(c: ml_collections.ConfigDict, values: dict) -> ml_collections.ConfigDict:
+  """Sets dotted keys ("loss.temperature") of `c` in place; returns it."""
+  for key, value in values.items():
+    *parents, leaf = key.split(".")
+    node = c
+    for name in parents:
+      node = node[name]
+    node[leaf] = value
+  return c
+
+
+def _base_config(size: str) -> ml_collections.ConfigDict:
+  official = size not in CPU_SIZES
   c = ml_collections.ConfigDict()
   c.method = "cav_mae"
   c.seed = 0
-  c.total_steps = 300 if size == "tiny" else 25 * 36_900  # base: 25 epochs of AS-2M at 48
-  c.log_every_steps = 10 if size == "tiny" else 100
-  c.checkpoint_every_steps = 100 if size == "tiny" else 5000
+  c.total_steps = 25 * 36_900 if official else 300  # base: 25 epochs of AS-2M at 48
+  c.log_every_steps = 100 if official else 10
+  c.checkpoint_every_steps = 5000 if official else 100
   c.keep_checkpoints = 3
-  c.image_every_steps = 100 if size == "tiny" else 5000
-  c.dtype = "float32" if size == "tiny" else "bfloat16"  # compute dtype; parameters float32
+  c.image_every_steps = 5000 if official else 100
+  c.dtype = "bfloat16" if official else "float32"  # compute dtype; parameters float32
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
   c.sharding_rules = SHARDING_RULES
   c.init_checkpoint = ""  # base: optionally start from these parameters (orbax or .npz)

@@ -1,6 +1,6 @@
 """Synthetic audio-visual dataset: classes defined by a sound and a synchronised moving shape.
 
-    python -m data_prep.make_synthetic --out_dir DIR [--num_train 512 --num_eval 128 ...]
+    python -m data_prep.make_synthetic --out_dir DIR [--num_train 2048 --num_eval 128 ...]
 
 Each class fixes, from its index only (so every seed shares the same classes):
 - a sound: a harmonic timbre and a rhythm (a cycle of inter-onset intervals, as fractions of
@@ -207,7 +207,7 @@ def make_clip(label: int, rng: np.random.Generator, *, clip_seconds: float, samp
           "envelope": frame_env}
 
 
-def make_synthetic(out_dir: str, *, num_train: int = 512, num_eval: int = 128, seed: int = 0,
+def make_synthetic(out_dir: str, *, num_train: int = 2048, num_eval: int = 128, seed: int = 0,
                    num_classes: int = 8, clip_seconds: float = 1.5, sample_rate: int = 16000,
                    mel_bins: int = 64, frame_size: int = 32, frames_per_clip: int = 4,
                    num_shards: int = 4, log_mel: str = "kaldi") -> dict[str, Any]:

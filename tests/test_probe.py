@@ -117,21 +117,3 @@ def test_mismatched_checkpoint_or_dataset_fails_clearly(tiny_run, tmp_path):
     probe.run(_probe_config(data, changed), str(tmp_path / "b"))
   with pytest.raises(ValueError, match=r"config.steps: no checkpoints \[3\]"):
     probe.run(_probe_config(data, workdir, steps="3"), str(tmp_path / "c"))
-
-
-def test_pretrained_tiny_encoder_probes_better_than_random_init(tmp_path):
-  """200 tiny steps on 256 synthetic clips: the audio probe beats a random encoder of the same
-  shape (measured: 0.633 vs 0.531 top-1 on 128 test clips, 8 classes; deterministic seeds)."""
-  data = str(tmp_path / "data")
-  make_synthetic.make_synthetic(data, num_train=256, num_eval=128, num_shards=2)
-  workdir = str(tmp_path / "run")
-  c = cav_mae.get_config("tiny")
-  c.data.dir, c.total_steps = data, 200
-  c.log_every_steps, c.image_every_steps, c.checkpoint_every_steps = 50, 10_000, 10_000
-  train.train(c, workdir)
-  pc = probe_config.get_config(workdir)
-  pc.data.dir, pc.modes, pc.retrieval = data, ("audio",), False
-  rows = probe.run(pc, str(tmp_path / "probe"))  # step 200 and a random init beside it
-  top1 = {r["step"]: r["value"] for r in rows if r["selected"] and r["split"] == "test"
-          and r["metric"] == "top1"}
-  assert top1[200] > top1["random_init"] + 0.05, top1
