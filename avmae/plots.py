@@ -121,14 +121,8 @@ def plot_sweep(rows: Sequence[dict[str, Any]], path: str) -> None:
               label=f"step {step}, wd {wd:g}" + (f", {os.path.basename(dataset)}"
                                                    if len(curves) > 4 else ""))
     ax.set_xscale("log")
-    ax.set_title(f"{mode}: val {metric}", fontsize=9)
-    ax.set_xlabel("learning rate", fontsize=8)
-    ax.tick_params(labelsize=7)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+    _finish_axes(ax, f"{mode}: val {metric}", "learning rate")
+  _save(fig, path)
 
 
 def plot_probe_curve(rows: Sequence[dict[str, Any]], path: str) -> dict[str, tuple]:
@@ -164,12 +158,20 @@ def plot_probe_curve(rows: Sequence[dict[str, Any]], path: str) -> dict[str, tup
     if metric == "r1" and mine:
       chance = 1 / max(r["value"] for r in rows if r["metric"] == "num_queries")
       ax.axhline(chance, color="grey", ls=":", lw=1.0, label="chance")
-    ax.set_title(f"test {metric} vs pretraining step", fontsize=9)
-    ax.set_xlabel("training step", fontsize=8)
-    ax.tick_params(labelsize=7)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6)
+    _finish_axes(ax, f"test {metric} vs pretraining step", "training step")
+  _save(fig, path)
+  return series
+
+
+def _finish_axes(ax, title: str, xlabel: str) -> None:
+  ax.set_title(title, fontsize=9)
+  ax.set_xlabel(xlabel, fontsize=8)
+  ax.tick_params(labelsize=7)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=6)
+
+
+def _save(fig, path: str) -> None:
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
-  return series

@@ -38,13 +38,7 @@ def tiny(data_dir, **overrides):
   c.log_every_steps = 1
   c.image_every_steps = 1000
   c.checkpoint_every_steps = 1000
-  for key, value in overrides.items():
-    target = c
-    *path, last = key.split(".")
-    for p in path:
-      target = target[p]
-    target[last] = value
-  return c
+  return cav_mae.override(c, overrides)
 
 
 def _metrics(workdir):
