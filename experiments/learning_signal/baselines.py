@@ -93,7 +93,8 @@ def supervised_vit(data_dir: str, steps: int, seed: int = 0) -> float:
   for _ in range(steps):
     params, state = step(params, state, {k: jnp.asarray(v) for k, v in next(batches).items()})
   batches.close()
-  test = {k: jnp.asarray(v) for k, v in pipeline.first_examples(config.data, "eval", 10**6).items()}
+  count = dataset_info.load(data_dir)["splits"]["eval"]["num_examples"]
+  test = {k: jnp.asarray(v) for k, v in pipeline.first_examples(config.data, "eval", count).items()}
   pred = np.asarray(jax.jit(logits)(params, test)).argmax(1)
   return float((pred == np.asarray(test["labels"]).argmax(1))[np.asarray(test["valid"])].mean())
 
