@@ -3,10 +3,10 @@ large.
 
 tiny trains on the synthetic dataset on a CPU (unit tests); demo is the tiny model with the CPU
 recipe that learns in a few minutes (the README demo; docs/learning_signal.md); base is the
-official recipe (AudioSet,
-`run_cavmae_pretrain_base.sh`): global batch 48, Adam (0.95, 0.999) with L2 weight decay
-5e-7, lr 5e-5 with a 1000-step warmup, halved at epochs 10, 15 and 20 of 25, mask 0.75 for
-both modalities, 1024 x 128 audio, one 224 px frame, noise + time-roll augmentation.
+official recipe (AudioSet, `run_cavmae_pretrain_base.sh`): global batch 48, Adam (0.95, 0.999)
+with L2 weight decay 5e-7, lr 5e-5 with a 1000-step warmup, halved at epochs 10, 15 and 20 of
+25, mask 0.75 for both modalities, 1024 x 128 audio, one 224 px frame, noise + time-roll
+augmentation.
 """
 
 import ml_collections
@@ -17,8 +17,6 @@ from configs import data
 MODEL_SIZES = {
     "tiny": dict(embed_dim=64, modality_specific_depth=2, shared_depth=1, num_heads=4,
                  decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4, patch_size=8),
-    "demo": dict(embed_dim=64, modality_specific_depth=2, shared_depth=1, num_heads=4,
-                 decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4, patch_size=8),
     "small": dict(embed_dim=384, modality_specific_depth=11, shared_depth=1, num_heads=6,
                   decoder_embed_dim=256, decoder_depth=4, decoder_num_heads=8, patch_size=16),
     "base": dict(embed_dim=768, modality_specific_depth=11, shared_depth=1, num_heads=12,
@@ -28,8 +26,10 @@ MODEL_SIZES = {
 }
 
 # Input geometry: (audio frames, mel bins, image size), tiny matches the synthetic defaults.
-INPUT_SIZES = {"tiny": (128, 64, 32), "demo": (128, 64, 32), "small": (1024, 128, 224), "base": (1024, 128, 224),
+INPUT_SIZES = {"tiny": (128, 64, 32), "small": (1024, 128, 224), "base": (1024, 128, 224),
                "large": (1024, 128, 224)}
+# demo: the tiny model and geometry with the CPU recipe of RECIPES.
+MODEL_SIZES["demo"], INPUT_SIZES["demo"] = MODEL_SIZES["tiny"], INPUT_SIZES["tiny"]
 
 # Logical axis -> mesh axes. Parameters: FSDP shards `embed`, tensor parallelism splits the
 # MLP and attention heads. Activations: the batch over (data, fsdp), heads/MLP over tensor.
