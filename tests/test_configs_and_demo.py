@@ -30,7 +30,8 @@ def test_every_cav_mae_size_builds(size):
   cfg.lock()
   if size == "demo":  # the tiny model with the recipe of configs/cav_mae.py RECIPES
     tiny = cav_mae.get_config("tiny")
-    assert cfg.model.to_dict() == tiny.model.to_dict() and cfg.data.to_dict() == tiny.data.to_dict()
+    assert cfg.model.to_dict() == tiny.model.to_dict()
+    assert cfg.data.to_dict() == tiny.data.to_dict()
     assert cfg.total_steps == 2000 and cfg.loss.contrastive_weight == 3.0
 
 

@@ -9,9 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from avmae import extract, plots, probe, sharding, train
+from avmae import extract, plots, probe, sharding
 from avmae.data import augment, pipeline
-from configs import cav_mae
 from configs import probe as probe_config
 from data_prep import make_synthetic
 
@@ -117,3 +116,29 @@ def test_mismatched_checkpoint_or_dataset_fails_clearly(tiny_run, tmp_path):
     probe.run(_probe_config(data, changed), str(tmp_path / "b"))
   with pytest.raises(ValueError, match=r"config.steps: no checkpoints \[3\]"):
     probe.run(_probe_config(data, workdir, steps="3"), str(tmp_path / "c"))
+
+
+def test_weighted_layers_and_all_frames(tiny_run, tmp_path):
+  data, workdir = tiny_run
+  config = _probe_config(data, workdir, layer="weighted", modes=("audio", "video"),
+                         retrieval=False)
+  config.data.all_frames = True
+  rows = probe.run(config, str(tmp_path))
+  assert {r["mode"] for r in rows} == {"audio", "video"}
+  assert all(np.isfinite(r["value"]) for r in rows)
+  # With all frames, a clip's features are the mean of its per-frame features.
+  train_config = extract.training_config(workdir)
+  mesh = sharding.make_mesh({"data": 8, "fsdp": 1, "tensor": 1})
+  model, params = extract.load_params(train_config, mesh, workdir, 4, seed=0)
+  data_cfg = probe._data_config(config, train_config, data)
+  feats = extract.extract(model, params, data_cfg, "eval", mesh, None, "all")
+  assert feats["video_layers"].shape == (16, 4, 64)  # embeddings, 2 blocks, final
+  batch = pipeline.first_examples(data_cfg, "eval", 16)  # frames [16, 4, 32, 32, 3]
+  params = jax.device_get(params)
+  per_frame = [model.apply({"params": params}, batch["audio"],
+                           augment.normalize_image(batch["frames"][:, n]), method="features")
+               for n in range(batch["frames"].shape[1])]
+  order = np.argsort(feats["record_index"])
+  for key in ("audio", "video", "audio_video"):
+    expected = np.mean([np.asarray(f[key]) for f in per_frame], axis=0)
+    np.testing.assert_allclose(feats[key][order], expected, rtol=1e-4, atol=1e-5, err_msg=key)
