@@ -61,7 +61,8 @@ def load_params(train_config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
   target = checkpoint.abstract_with_shardings(abstract, shardings)
   path = os.path.join(checkpoint_dir, "checkpoints", str(step))
   try:
-    return method.model, checkpoint.load_params(path, target)
+    # In the model's layer layout (model.scan_layers), whichever the checkpoint holds.
+    return method.model, checkpoint.load_params(path, target, method.model.layer_stacks)
   except (ValueError, KeyError) as e:
     raise ValueError(f"{path}: the checkpoint does not fit the model of {checkpoint_dir}/"
                      f"config.json ({e})") from e

@@ -1,7 +1,9 @@
 """Per-sample random token masking (MAE style), as in official CAV-MAE.
 
-Everything is a pure, jittable function of a PRNG key with static shapes: every sample keeps
-the same number of tokens K, so visible sequences stack into a dense [B, K, D] array.
+Everything is a pure, jittable function of per-example PRNG keys [B] with static shapes:
+every sample keeps the same number of tokens K, so visible sequences stack into a dense
+[B, K, D] array. One key per example (not one per batch) makes an example's mask independent
+of how the batch is split: over devices, processes or accumulation microbatches.
 """
 
 from __future__ import annotations
@@ -35,9 +37,18 @@ def _mask_from_noise(noise: jax.Array, num_keep: int) -> Mask:
   return Mask(ids_shuffle[:, :num_keep], ids_restore, mask)
 
 
-def random_mask(key: jax.Array, batch: int, num_tokens: int, mask_ratio: float) -> Mask:
+def example_keys(key: jax.Array, batch: int, first: int = 0) -> jax.Array:
+  """[batch] keys of examples first .. first + batch - 1 of a global batch drawn with `key`."""
+  return jax.vmap(lambda i: jax.random.fold_in(key, i))(first + jnp.arange(batch))
+
+
+def _uniform(keys: jax.Array, size: int) -> jax.Array:
+  return jax.vmap(lambda k: jax.random.uniform(k, (size,)))(keys)
+
+
+def random_mask(keys: jax.Array, num_tokens: int, mask_ratio: float) -> Mask:
   """Unstructured masking: a uniformly random subset of K tokens per sample stays visible."""
-  noise = jax.random.uniform(key, (batch, num_tokens))
+  noise = _uniform(keys, num_tokens)
   return _mask_from_noise(noise, num_visible(num_tokens, mask_ratio))
 
 
@@ -56,8 +67,8 @@ _STRUCTURED_COUNTS: dict[str, Callable[[int, int, float], tuple[int, int]]] = {
 }
 
 
-def structured_mask(key: jax.Array, batch: int, grid: tuple[int, int], mask_ratio: float,
-                    mode: str) -> Mask:
+def structured_mask(keys: jax.Array, grid: tuple[int, int], mask_ratio: float, mode: str
+                    ) -> Mask:
   """Time / frequency / time-and-frequency masking of frequency-major audio tokens.
 
   `grid` is (f, t); token index = f_idx * t + t_idx. Whole time columns and/or frequency rows
@@ -69,8 +80,9 @@ def structured_mask(key: jax.Array, batch: int, grid: tuple[int, int], mask_rati
         f"unknown structured mask mode {mode!r}; valid: {sorted(_STRUCTURED_COUNTS)}")
   f, t = grid
   num_cols, num_rows = _STRUCTURED_COUNTS[mode](f, t, mask_ratio)
+  batch = keys.shape[0]
   # One draw for token, column and row noise (each extra threefry call costs compile time).
-  u = jax.random.uniform(key, (batch, f * t + t + f))
+  u = _uniform(keys, f * t + t + f)
   noise = u[:, :f * t].reshape(batch, f, t)
   chosen = (_random_lines(u[:, f * t:f * t + t], num_cols)[:, None, :]
             | _random_lines(u[:, f * t + t:], num_rows)[:, :, None])
@@ -80,16 +92,16 @@ def structured_mask(key: jax.Array, batch: int, grid: tuple[int, int], mask_rati
   return _mask_from_noise(noise, num_visible(f * t, mask_ratio))
 
 
-def _unstructured(key, batch, num_tokens, mask_ratio, grid):
+def _unstructured(keys, num_tokens, mask_ratio, grid):
   del grid  # token layout does not matter
-  return random_mask(key, batch, num_tokens, mask_ratio)
+  return random_mask(keys, num_tokens, mask_ratio)
 
 
-def _structured(key, batch, num_tokens, mask_ratio, grid, *, mode):
+def _structured(keys, num_tokens, mask_ratio, grid, *, mode):
   if grid is None or grid[0] * grid[1] != num_tokens:
     raise ValueError(f"mask mode {mode!r} needs grid=(f, t) with f * t == {num_tokens}, "
                      f"got {grid}")
-  return structured_mask(key, batch, tuple(grid), mask_ratio, mode)
+  return structured_mask(keys, tuple(grid), mask_ratio, mode)
 
 
 MASK_MODES: dict[str, Callable[..., Mask]] = {
@@ -98,12 +110,12 @@ MASK_MODES: dict[str, Callable[..., Mask]] = {
 }
 
 
-def make_mask(key: jax.Array, batch: int, num_tokens: int, mask_ratio: float,
+def make_mask(keys: jax.Array, num_tokens: int, mask_ratio: float,
               mode: str = "unstructured", grid: tuple[int, int] | None = None) -> Mask:
   """Mask of the given mode ("unstructured", "time", "freq" or "tf"; the latter need grid)."""
   if mode not in MASK_MODES:
     raise ValueError(f"unknown mask mode {mode!r}; valid: {sorted(MASK_MODES)}")
-  return MASK_MODES[mode](key, batch, num_tokens, mask_ratio, grid)
+  return MASK_MODES[mode](keys, num_tokens, mask_ratio, grid)
 
 
 def gather_visible(x: jax.Array, mask: Mask) -> jax.Array:

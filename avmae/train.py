@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 from importlib import metadata
-from typing import Any
+from typing import Any, NamedTuple
 
 from absl import app, flags, logging
 import flax.linen as nn
@@ -24,7 +24,7 @@ import numpy as np
 import optax
 from ml_collections import config_flags
 
-from avmae import checkpoint, optim, plots, sharding
+from avmae import checkpoint, executable, masking, optim, plots, sharding
 from avmae.data import dataset_info, pipeline
 from avmae.methods import METHODS
 
@@ -66,9 +66,15 @@ def validate(config: ml_collections.ConfigDict, info: dict[str, Any], mesh: jax.
        "mesh.fsdp", f"{mesh.shape['fsdp']} does not divide the embedding widths"),
       (config.total_steps > 0, "total_steps", f"{config.total_steps} must be positive"),
   ]
+  shards = sharding.num_batch_shards(mesh, d.batch_axes)
+  micro = config.optimizer.accumulation_steps
+  checks.append((micro >= 1 and d.batch_size % (shards * micro) == 0,
+                 "optimizer.accumulation_steps", f"{micro}: the batch per data shard "
+                 f"({d.batch_size} / {shards}) must split into that many microbatches"))
   if config.loss.group_size:
-    checks.append((d.batch_size % config.loss.group_size == 0, "loss.group_size",
-                   f"{config.loss.group_size} does not divide data.batch_size={d.batch_size}"))
+    checks.append(((d.batch_size // micro) % config.loss.group_size == 0, "loss.group_size",
+                   f"{config.loss.group_size} does not divide the microbatch "
+                   f"data.batch_size / optimizer.accumulation_steps = {d.batch_size // micro}"))
   for ok, key, why in checks:
     if not ok:
       raise ValueError(f"config.{key}={why}")
@@ -126,14 +132,51 @@ class MetricWriter:
 
 # ----------------------------------------------------------------------------- train step
 
-def make_train_step(method, optimizer: optax.GradientTransformation, schedule, seed: int):
-  base_key = jax.random.key(seed)
+def microbatches(tree: Any, num_micro: int, num_shards: int) -> Any:
+  """[B, ...] leaves -> [num_micro, B / num_micro, ...]: microbatch i takes the i-th block of
+  every data shard's rows, so each example stays on the device that holds it (no resharding).
+  With one shard, microbatch i is rows i*B/N .. (i+1)*B/N - 1: `loss.group_size` = B/N."""
+  def split(x):
+    b = x.shape[0]
+    x = x.reshape(num_shards, num_micro, b // (num_shards * num_micro), *x.shape[1:])
+    return jnp.swapaxes(x, 0, 1).reshape(num_micro, b // num_micro, *x.shape[3:])
+  return jax.tree.map(split, tree)
+
+
+def loss_and_grads(loss_fn, params: Any, batch: dict[str, jax.Array], keys: jax.Array,
+                   num_micro: int = 1, num_shards: int = 1):
+  """((loss, metrics), grads) of `loss_fn(params, batch, keys)`; with num_micro > 1 the batch
+  is split into microbatches inside a `lax.scan` (gradient accumulation), and the loss,
+  metrics and gradients are the means over the microbatches."""
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if num_micro == 1:
+    return grad_fn(params, batch, keys)
+
+  def accumulate(total, micro):
+    out = grad_fn(params, *micro)
+    return jax.tree.map(lambda t, x: t + x.astype(t.dtype) / num_micro, total, out), None
+
+  micro = microbatches((batch, keys), num_micro, num_shards)
+  zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32),
+                       jax.eval_shape(grad_fn, params, *jax.tree.map(lambda x: x[0], micro)))
+  total, _ = jax.lax.scan(accumulate, zeros, micro)
+  # Gradients back to the parameters' dtypes (float32 here: nothing changes).
+  (loss, metrics), grads = total
+  return (loss, metrics), jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+
+
+def make_train_step(method, optimizer: optax.GradientTransformation, schedule, seed: int,
+                    accumulation_steps: int = 1, batch_shards: int = 1):
+  """The jittable (state, batch) -> (state, metrics). Nothing here runs eagerly: the step
+  compiles for devices it cannot run on (avmae.aot)."""
 
   def train_step(state: dict[str, Any], batch: dict[str, jax.Array]):
-    # The step's randomness depends on the step only: identical on any mesh or process count.
-    key = jax.random.fold_in(base_key, state["step"])
-    (_, metrics), grads = jax.value_and_grad(method.loss_fn, has_aux=True)(
-        state["params"], batch, key)
+    # Each example's randomness depends on the step and its position in the global batch only:
+    # identical on any mesh, process count or microbatching.
+    key = jax.random.fold_in(jax.random.key(seed), state["step"])
+    keys = masking.example_keys(key, jax.tree.leaves(batch)[0].shape[0])
+    (_, metrics), grads = loss_and_grads(method.loss_fn, state["params"], batch, keys,
+                                         accumulation_steps, batch_shards)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     grad_norm, update_norm = optax.tree.norm(grads), optax.tree.norm(updates)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
@@ -182,12 +225,43 @@ def count_params(params: Any) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
 
 
+class Program(NamedTuple):
+  """What the trainer compiles; built the same way for a run and for avmae.aot."""
+  method: Any
+  optimizer: optax.GradientTransformation
+  schedule: optax.Schedule
+  abstract_state: Any     # ShapeDtypeStructs carrying the state's shardings
+  state_shardings: Any
+  abstract_batch: dict[str, jax.ShapeDtypeStruct]  # the step's inputs, with shardings
+  train_step: Any         # jitted, state donated: lower(abstract_state, abstract_batch)
+
+
+def build_program(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                  steps_per_epoch: int) -> Program:
+  """Method, optimizer, state layout and the jitted step over `mesh`, from shapes only."""
+  method = METHODS[config.method](config)
+  schedule = optim.learning_rate_schedule(config.optimizer, config.total_steps, steps_per_epoch)
+  optimizer = optim.make_optimizer(config.optimizer, schedule)
+  abstract, state_shardings = state_layout(config, method, optimizer, mesh)
+  batch_sharding = sharding.batch_sharding(mesh, config.data.batch_axes)
+  abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
+                    for k, v in jax.eval_shape(lambda: zeros_batch(config)).items()}
+  step = jax.jit(make_train_step(method, optimizer, schedule, config.seed,
+                                 config.optimizer.accumulation_steps,
+                                 sharding.num_batch_shards(mesh, config.data.batch_axes)),
+                 in_shardings=(state_shardings, batch_sharding),
+                 out_shardings=(state_shardings, None), donate_argnums=(0,))
+  return Program(method, optimizer, schedule,
+                 checkpoint.abstract_with_shardings(abstract, state_shardings),
+                 state_shardings, abstract_batch, step)
+
+
 # ----------------------------------------------------------------------------- main loop
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains to config.total_steps, resuming from the newest checkpoint; returns last metrics."""
   # --- mesh ----------------------------------------------------------------------------
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = sharding.make_mesh(config.mesh, dcn=config.dcn_mesh)
   rules = tuple(tuple(r) for r in config.sharding_rules)
   info = dataset_info.load(config.data.dir)
   validate(config, info, mesh)
@@ -202,19 +276,17 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                       // config.data.batch_size)
 
   # --- model ---------------------------------------------------------------------------
-  method = METHODS[config.method](config)
-  schedule = optim.learning_rate_schedule(config.optimizer, config.total_steps, steps_per_epoch)
-  optimizer = optim.make_optimizer(config.optimizer, schedule)
-  abstract, state_shardings = state_layout(config, method, optimizer, mesh)
+  program = build_program(config, mesh, steps_per_epoch)
+  method, optimizer = program.method, program.optimizer
+  abstract, state_shardings = program.abstract_state, program.state_shardings
   print(f"trainable parameters: {count_params(abstract['params'])}", flush=True)
+  p_train_step = program.train_step
+  if config.aot_executable:  # compiled ahead of time by avmae.aot; checked before it runs
+    p_train_step = executable.load(config.aot_executable, program, config, mesh)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    batch_sharding = sharding.batch_sharding(mesh, config.data.batch_axes)
     p_init = jax.jit(lambda: nn.meta.unbox(init_state(method, optimizer, zeros_batch(config),
                                                       config.seed)),
                      out_shardings=state_shardings)
-    p_train_step = jax.jit(make_train_step(method, optimizer, schedule, config.seed),
-                           in_shardings=(state_shardings, batch_sharding),
-                           out_shardings=(state_shardings, None), donate_argnums=(0,))
     # Every process holds the same picture batch; replicated in, replicated out.
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     picture_split = (config.data.eval_split if config.data.eval_split in info["splits"]
@@ -228,7 +300,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   latest = mngr.latest_step()
   if latest is not None:
     target = checkpoint.abstract_with_shardings(abstract, state_shardings)
-    state, data_state = checkpoint.restore(mngr, latest, target)
+    # Restored in the layer layout the checkpoint's config records, converted to this run's.
+    state, data_state = checkpoint.restore(mngr, latest, target, method.model.layer_stacks)
     batches.set_state(data_state)
     print(f"resumed from step {latest} of {workdir}", flush=True)
   else:
@@ -236,7 +309,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
       state = p_init()
     if config.init_checkpoint:
       target = checkpoint.abstract_with_shardings(abstract["params"], state_shardings["params"])
-      state["params"] = checkpoint.load_params(config.init_checkpoint, target)
+      state["params"] = checkpoint.load_params(config.init_checkpoint, target,
+                                               method.model.layer_stacks)
       print(f"initialised parameters from {config.init_checkpoint}", flush=True)
 
   # --- loop ----------------------------------------------------------------------------
@@ -260,7 +334,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   try:
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       while step < config.total_steps:
-        state, metrics = p_train_step(state, next(batches))
+        batch = next(batches)
+        state, metrics = p_train_step(state, {k: batch[k] for k in program.abstract_batch})
         step += 1
         window_steps += 1
         if step % config.log_every_steps == 0 or step == config.total_steps:

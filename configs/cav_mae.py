@@ -45,6 +45,7 @@ SHARDING_RULES = (
     ("act_embed", None),
     ("patch", None),
     ("norm", None),
+    ("layers", None),  # the leading layer axis of model.scan_layers' stacked parameters
 )
 
 
@@ -94,9 +95,13 @@ def _base_config(size: str) -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.image_every_steps = 5000 if official else 100
   c.dtype = "bfloat16" if official else "float32"  # compute dtype; parameters float32
+  # Within a slice (ICI); across slices (DCN) the mesh is dcn_mesh (each axis's size is the
+  # product): data parallelism across slices by default. Both: -1 = the remaining devices.
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+  c.dcn_mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
   c.sharding_rules = SHARDING_RULES
   c.init_checkpoint = ""  # base: optionally start from these parameters (orbax or .npz)
+  c.aot_executable = ""  # a train step compiled by `avmae.aot --save` (checked, then run)
 
   audio_frames, mel_bins, image_size = INPUT_SIZES[size]
   c.data = data.get_config("")
@@ -110,6 +115,9 @@ def _base_config(size: str) -> ml_collections.ConfigDict:
       # Recompute activations in the backward pass: "none", "full" or "dots"
       # (avmae/models/cav_mae.py REMAT_POLICIES); same parameters, less activation memory.
       remat="none",
+      # Each stack of identical blocks as one nn.scan (compiles one block per stack; the
+      # parameters get a leading "layers" axis). Checkpoints record it; loading converts.
+      scan_layers=False,
       **MODEL_SIZES[size]))
 
   c.masking = ml_collections.ConfigDict(dict(ratio_a=0.75, ratio_v=0.75, mode_a="unstructured"))
@@ -128,6 +136,9 @@ def _base_config(size: str) -> ml_collections.ConfigDict:
       weight_decay=5e-7 if official else 0.05,
       no_decay=() if official else ("bias", "scale", "modality", "mask_token"),
       grad_clip_norm=0.0 if official else 1.0,  # 0: no clipping (official)
+      # Microbatches per step (gradient accumulation inside the jitted step). The contrastive
+      # term then takes its negatives within each microbatch: loss.group_size semantics.
+      accumulation_steps=1,
       warmup_steps=1000 if official else 20,
       schedule="step" if official else "cosine",
       decay_epochs=(10, 15, 20),  # "step": lr times decay_factor at each of these epochs

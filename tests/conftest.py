@@ -4,6 +4,10 @@ import importlib
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow is imported by interop tests
+# libtpu is installed (compile-only TPU targets, avmae.aot): the tests and their subprocesses
+# run on the CPU, and several processes may load libtpu for AOT compiles at once.
+os.environ["JAX_PLATFORMS"] = "cpu"
+os.environ["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"
 
 try:
   # triton (imported by torch._dynamo, which timm's torchvision imports in the export tests)

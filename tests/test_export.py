@@ -73,8 +73,10 @@ def test_pytorch_module_matches_jax(size):
   t_audio, t_frames = torch.from_numpy(audio), torch.from_numpy(frames).permute(0, 3, 1, 2)
   states = jax.jit(lambda p, a, f: model.apply({"params": p}, a, f, method="hidden_states"))(
       params, audio, frames)
-  mask_a = masking.random_mask(jax.random.key(3), batch, model.num_audio_tokens, 0.75)
-  mask_v = masking.random_mask(jax.random.key(4), batch, model.num_video_tokens, 0.75)
+  mask_a = masking.random_mask(masking.example_keys(jax.random.key(3), batch),
+                               model.num_audio_tokens, 0.75)
+  mask_v = masking.random_mask(masking.example_keys(jax.random.key(4), batch),
+                               model.num_video_tokens, 0.75)
   out = jax.jit(lambda p, a, f, ma, mv: model.apply({"params": p}, a, f, ma, mv))(
       params, audio, frames, mask_a, mask_v)
   ids = [torch.from_numpy(np.asarray(x, np.int64)) for x in

@@ -10,10 +10,15 @@ from avmae import masking
 F, T = 8, 64  # official audio grid: 8 frequency x 64 time blocks, frequency-major
 L = F * T
 
-# Jitted (static shapes and modes): checks jittability and avoids op-by-op dispatch.
-random_mask = jax.jit(masking.random_mask, static_argnums=(1, 2, 3))
-structured_mask = jax.jit(masking.structured_mask, static_argnums=(1, 2, 3, 4))
-make_mask = jax.jit(masking.make_mask, static_argnums=(1, 2, 3, 4, 5))
+# Jitted (static shapes and modes): checks jittability and avoids op-by-op dispatch. Called
+# as (key, batch, ...): the examples of a batch drawn with one key.
+random_mask = jax.jit(lambda key, b, *a: masking.random_mask(masking.example_keys(key, b), *a),
+                      static_argnums=(1, 2, 3))
+structured_mask = jax.jit(
+    lambda key, b, *a: masking.structured_mask(masking.example_keys(key, b), *a),
+    static_argnums=(1, 2, 3, 4))
+make_mask = jax.jit(lambda key, b, *a: masking.make_mask(masking.example_keys(key, b), *a),
+                    static_argnums=(1, 2, 3, 4, 5))
 
 
 def check_consistent(m: masking.Mask, num_tokens: int, num_keep: int):
@@ -112,12 +117,24 @@ def test_make_mask_dispatch():
   got = make_mask(key, 3, L, 0.75, "freq", (F, T))
   want = structured_mask(key, 3, (F, T), 0.75, "freq")
   np.testing.assert_array_equal(got.mask, want.mask)
+  keys = masking.example_keys(key, 3)
   with pytest.raises(ValueError, match="unstructured.*"):
-    masking.make_mask(key, 3, L, 0.75, mode="block")
+    masking.make_mask(keys, L, 0.75, mode="block")
   with pytest.raises(ValueError, match="grid"):
-    masking.make_mask(key, 3, L, 0.75, mode="time")
+    masking.make_mask(keys, L, 0.75, mode="time")
   with pytest.raises(ValueError, match="valid"):
-    masking.structured_mask(key, 3, (F, T), 0.75, "diagonal")
+    masking.structured_mask(keys, (F, T), 0.75, "diagonal")
+
+
+@pytest.mark.parametrize("mode", ["unstructured", "tf"])
+def test_an_examples_mask_does_not_depend_on_how_the_batch_is_split(mode):
+  # Examples 4..7 of a batch of 8, drawn as their own microbatch, get the same masks.
+  key = jax.random.key(9)
+  whole = masking.make_mask(masking.example_keys(key, 8), L, 0.75, mode, (F, T))
+  part = masking.make_mask(masking.example_keys(key, 4, first=4), L, 0.75, mode, (F, T))
+  for x, y in zip(whole, part):
+    np.testing.assert_array_equal(np.asarray(x)[4:], y)
+  assert not np.array_equal(np.asarray(whole.mask)[:4], part.mask)
 
 
 def test_gather_unshuffle_round_trip():

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from avmae import checkpoint, optim, sharding, train
+from avmae import checkpoint, masking, optim, sharding, train
 from avmae.methods import METHODS
 from avmae.models import vit
 from configs import cav_mae
@@ -141,7 +141,8 @@ def _restore_params(workdir, step):
       _abstract_state(config, sharding.make_mesh(config.mesh))["params"])
   target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
                         abstract)
-  return checkpoint.load_params(os.path.join(workdir, "checkpoints", str(step)), target)
+  return checkpoint.load_params(os.path.join(workdir, "checkpoints", str(step)), target,
+                                METHODS[config.method](config).model.layer_stacks)
 
 
 def test_exact_resume_after_restart(synthetic_dir, tmp_path):
@@ -221,7 +222,7 @@ def test_remat_keeps_parameters_loss_and_gradients():
                                          ).astype(batch["frames"].dtype)
     params = sharding.strip_logical_names(method.init(jax.random.key(0), batch))["params"]
     loss_and_grad = jax.jit(jax.value_and_grad(
-        lambda p: method.loss_fn(p, batch, jax.random.key(3))[0]))
+        lambda p: method.loss_fn(p, batch, masking.example_keys(jax.random.key(3), 4))[0]))
     results[remat] = (params, *loss_and_grad(params))
   params, loss, grads = results["none"]
   for remat in ("full", "dots"):
@@ -257,12 +258,13 @@ def test_init_checkpoint_loads_params_from_a_run_or_an_npz(synthetic_dir, tmp_pa
   train.train(tiny(synthetic_dir, total_steps=2, checkpoint_every_steps=2), first)
   trained = _restore_params(first, 2)
   config = tiny(synthetic_dir)
+  stacks = METHODS[config.method](config).model.layer_stacks
   mesh = sharding.make_mesh(config.mesh)
   abstract = _abstract_state(config, mesh)
   shardings = sharding.logical_to_shardings(abstract["params"], mesh, config.sharding_rules)
   target = checkpoint.abstract_with_shardings(
       sharding.strip_logical_names(abstract["params"]), shardings)
-  loaded = checkpoint.load_params(os.path.join(first, "checkpoints", "2"), target)
+  loaded = checkpoint.load_params(os.path.join(first, "checkpoints", "2"), target, stacks)
   flat = {jax.tree_util.keystr(p, simple=True, separator="/"): np.asarray(x)
           for p, x in jax.tree_util.tree_leaves_with_path(trained)}
   for (path, x), s in zip(jax.tree_util.tree_leaves_with_path(loaded), jax.tree.leaves(target)):
@@ -270,15 +272,15 @@ def test_init_checkpoint_loads_params_from_a_run_or_an_npz(synthetic_dir, tmp_pa
     np.testing.assert_array_equal(np.asarray(x), flat[name], err_msg=name)
     assert x.sharding == s.sharding
   np.savez(tmp_path / "params.npz", **flat)
-  from_npz = checkpoint.load_params(str(tmp_path / "params.npz"), target)
+  from_npz = checkpoint.load_params(str(tmp_path / "params.npz"), target, stacks)
   for x, y in zip(jax.tree.leaves(from_npz), jax.tree.leaves(loaded)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   del flat["norm_a/scale"]
   np.savez(tmp_path / "partial.npz", **flat)
   with pytest.raises(ValueError, match=r"partial.npz: parameters missing \['norm_a/scale'\]"):
-    checkpoint.load_params(str(tmp_path / "partial.npz"), target)
+    checkpoint.load_params(str(tmp_path / "partial.npz"), target, stacks)
   with pytest.raises(ValueError, match="neither an .npz nor a checkpoint step directory"):
-    checkpoint.load_params(str(tmp_path), target)
+    checkpoint.load_params(str(tmp_path), target, stacks)
 
 
 def test_two_processes_train_like_one(synthetic_dir, tmp_path):

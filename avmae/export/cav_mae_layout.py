@@ -13,7 +13,8 @@ Conversions, all exact:
   out kernel [H, Dh, D]                  -> proj weight [D, H*Dh]
   LayerNorm scale/bias                   -> weight/bias
 Frozen sin-cos position embeddings are constants here and buffers-like parameters there: they
-are written on export and checked (not loaded) on import.
+are written on export and checked (not loaded) on import. Exports take either layer layout
+(model.scan_layers); imports give the model's.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from avmae import masking
+from avmae import checkpoint, masking
+from avmae.models.cav_mae import layer_stacks
 from avmae.models.vit import sincos_2d
 
 Params = dict[str, Any]
@@ -64,8 +66,14 @@ def _count(params: Params, prefix: str) -> int:
   return sum(1 for k in params if k.startswith(prefix + "_") and k[len(prefix) + 1:].isdigit())
 
 
+def _unrolled(params: Params, model: Any) -> Params:
+  """Parameters in the unrolled layer layout (`blocks_a_0`, ...), which official mirrors."""
+  return checkpoint.convert_layers(params, layer_stacks(model), scan_layers=False)
+
+
 def _pretrain_layout(params: Params, model: Any) -> dict[str, np.ndarray]:
   """The official `CAVMAE.state_dict()` (same keys, order, shapes) of our parameters."""
+  params = _unrolled(params, model)
   p = model.patch_size
   f_grid, t_grid = model.mel_bins // p, model.audio_frames // p
   side = model.image_size // p
@@ -161,6 +169,7 @@ def to_timm(params: Params, model: Any, modality: str) -> tuple[dict[str, np.nda
   transposed, [B, 1, mel_bins, frames]; video [B, 3, H, W]."""
   if modality not in ("a", "v"):
     raise ValueError(f"modality must be 'a' or 'v', got {modality!r}")
+  params = _unrolled(params, model)
   sd_all = _pretrain_layout(params, model)
   blocks = [f"blocks_{modality}.{i}" for i in range(_count(params, f"blocks_{modality}"))]
   shared = [f"blocks_u.{i}" for i in range(_count(params, "blocks_u"))]
@@ -208,10 +217,10 @@ def _zeros(model: Any) -> Params:
 
 
 def from_official(state_dict: dict[str, np.ndarray], model: Any) -> Params:
-  """Our parameters from an official `CAVMAE` state_dict (a "module." prefix is stripped) for
-  `model` (a CAVMAE module). Keys and shapes must be exactly the model's; the frozen position
-  embeddings must equal our sin-cos constants (trained ones cannot be represented). Raises
-  ValueError naming what does not fit."""
+  """Our parameters (in the model's layer layout) from an official `CAVMAE` state_dict (a
+  "module." prefix is stripped) for `model` (a CAVMAE module). Keys and shapes must be exactly
+  the model's; the frozen position embeddings must equal our sin-cos constants (trained ones
+  cannot be represented). Raises ValueError naming what does not fit."""
   sd = {k.removeprefix("module."): np.asarray(v, np.float32) for k, v in state_dict.items()}
   if "mlp_head.1.weight" in sd or "decoder_embed.weight" not in sd:
     raise ValueError("state_dict is not the official pretraining model CAVMAE (it has "
@@ -230,7 +239,7 @@ def from_official(state_dict: dict[str, np.ndarray], model: Any) -> Params:
     if not np.allclose(sd[key], expected[key], atol=1e-5):
       raise ValueError(f"state_dict {key} is not the fixed sin-cos embedding (trained position "
                        "embeddings are not supported by this model)")
-  return _template(sd, model)
+  return checkpoint.convert_layers(_template(sd, model), layer_stacks(model), model.scan_layers)
 
 
 def _template(sd: dict[str, np.ndarray], model: Any) -> Params:

@@ -41,9 +41,9 @@ def _preprocessing(config: Any) -> dict[str, Any]:
 
 
 def architecture(model_config: Any) -> dict[str, Any]:
-  """config.model without what only concerns training (`remat`): the arguments the PyTorch
-  CAVMAE (torch_cav_mae.py) takes."""
-  return {k: v for k, v in model_config.to_dict().items() if k != "remat"}
+  """config.model without what only concerns training (`remat`, `scan_layers`): the arguments
+  the PyTorch CAVMAE (torch_cav_mae.py) takes."""
+  return {k: v for k, v in model_config.to_dict().items() if k not in ("remat", "scan_layers")}
 
 
 def export(workdir: str, out: str, fmt: str = "cav_mae", step: int | None = None,

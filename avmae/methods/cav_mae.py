@@ -18,6 +18,7 @@ Batch = dict[str, jax.Array]
 class Method(NamedTuple):
   model: CAVMAE
   init: Callable[[jax.Array, Batch], Any]  # (key, batch) -> boxed variables
+  # (params, batch, example keys [B]) -> (loss, metrics)
   loss_fn: Callable[[Any, Batch, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
   reconstruct: Callable[[Any, Batch, jax.Array], dict[str, jax.Array]]
   train_step_flops: float
@@ -28,19 +29,23 @@ def build(config: ml_collections.ConfigDict) -> Method:
   cfg_mask, cfg_loss = config.masking, config.loss
   patch = model.patch_size
 
-  def masks(batch: Batch, key: jax.Array) -> tuple[masking.Mask, masking.Mask]:
-    size = batch["audio"].shape[0]
-    key_a, key_v = jax.random.split(key)
-    return (masking.make_mask(key_a, size, model.num_audio_tokens, cfg_mask.ratio_a,
+  def masks(keys: jax.Array) -> tuple[masking.Mask, masking.Mask]:
+    """Audio and video masks of the examples with these keys [B]."""
+    fold = lambda i: jax.vmap(lambda k: jax.random.fold_in(k, i))(keys)
+    return (masking.make_mask(fold(0), model.num_audio_tokens, cfg_mask.ratio_a,
                               cfg_mask.mode_a, grid=model.audio_grid),
-            masking.random_mask(key_v, size, model.num_video_tokens, cfg_mask.ratio_v))
+            masking.random_mask(fold(1), model.num_video_tokens, cfg_mask.ratio_v))
+
+  def batch_masks(batch: Batch, key: jax.Array) -> tuple[masking.Mask, masking.Mask]:
+    return masks(masking.example_keys(key, batch["audio"].shape[0]))
 
   def init(key: jax.Array, batch: Batch) -> Any:
-    return model.init(key, batch["audio"], normalize_image(batch["frames"]), *masks(batch, key))
+    return model.init(key, batch["audio"], normalize_image(batch["frames"]),
+                      *batch_masks(batch, key))
 
-  def loss_fn(params: Any, batch: Batch, key: jax.Array):
-    """(params, batch, key) -> (loss, metrics); every term in float32."""
-    mask_a, mask_v = masks(batch, key)
+  def loss_fn(params: Any, batch: Batch, keys: jax.Array):
+    """(params, batch, one key per example) -> (loss, metrics); every term in float32."""
+    mask_a, mask_v = masks(keys)
     frames = normalize_image(batch["frames"])  # uint8 from the pipeline
     out = model.apply({"params": params}, batch["audio"], frames, mask_a, mask_v)
     valid = batch["valid"]
@@ -64,7 +69,7 @@ def build(config: ml_collections.ConfigDict) -> Method:
     With norm_pix the model predicts normalised patches: they are mapped back with each
     target patch's own mean and std (as MAE visualisations do).
     """
-    mask_a, mask_v = masks(batch, key)
+    mask_a, mask_v = batch_masks(batch, key)
     frames = normalize_image(batch["frames"])
     out = model.apply({"params": params}, batch["audio"], frames, mask_a, mask_v)
     images = {}

@@ -30,6 +30,23 @@ REMAT_POLICIES = {
 }
 
 
+def layer_stacks(model) -> dict[str, int]:
+  """The stacks of identical blocks that `scan_layers` scans, and their depths, of a CAVMAE
+  module or its config: unrolled they are `<name>_<i>`, scanned one `<name>` whose parameters
+  have a leading layer axis (avmae/checkpoint.py convert_layers converts)."""
+  return {"blocks_a": model.modality_specific_depth, "blocks_v": model.modality_specific_depth,
+          "decoder_blocks": model.decoder_depth}
+
+
+class _Layer(Block):
+  """A Block as a scan body: (x, emit) -> (x, the layer's output if emit else None)."""
+
+  def __call__(self, x: jax.Array, emit: bool) -> tuple[jax.Array, jax.Array | None]:
+    # The carry must keep its dtype; a block's output is its input's dtype already.
+    y = super().__call__(x, None).astype(x.dtype)
+    return y, (y if emit else None)
+
+
 def _embedding(name: str, module: nn.Module, dim: int) -> jax.Array:
   init = nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, None, "embed"))
   return module.param(name, init, (1, 1, dim), jnp.float32)
@@ -51,6 +68,13 @@ class CAVMAE(nn.Module):
   decoder_num_heads: int
   dtype: Dtype = jnp.float32
   remat: str = "none"  # a key of REMAT_POLICIES: what each block keeps for the backward pass
+  # One nn.scan per stack of `layer_stacks` (one compiled block, parameters with a leading
+  # "layers" axis) instead of a Python loop; blocks_u (shared_depth 1) stays a loop.
+  scan_layers: bool = False
+
+  @property
+  def layer_stacks(self) -> dict[str, int]:
+    return layer_stacks(self)
 
   @property
   def audio_grid(self) -> tuple[int, int]:
@@ -65,14 +89,40 @@ class CAVMAE(nn.Module):
   def num_video_tokens(self) -> int:
     return (self.image_size // self.patch_size) ** 2
 
-  def _blocks(self, prefix: str, depth: int, heads: int) -> list[Block]:
+  def _remat(self, block: type[nn.Module]) -> type[nn.Module]:
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"model.remat={self.remat!r}; one of {sorted(REMAT_POLICIES)}")
-    block = Block
-    if self.remat != "none":  # same parameter names: checkpoints do not depend on it
-      # `modality` (a str or None) is static; callers always pass it, as remat needs.
-      block = nn.remat(Block, policy=REMAT_POLICIES[self.remat], static_argnums=(2,))
+    if self.remat == "none":
+      return block
+    # Same parameter names: checkpoints do not depend on it. The second argument (`modality`
+    # of a Block, `emit` of a _Layer) is static; callers always pass it, as remat needs.
+    return nn.remat(block, policy=REMAT_POLICIES[self.remat], static_argnums=(2,))
+
+  def _blocks(self, prefix: str, depth: int, heads: int) -> list[Block]:
+    block = self._remat(Block)
     return [block(heads, self.mlp_ratio, self.dtype, name=f"{prefix}_{i}") for i in range(depth)]
+
+  def _stack(self, prefix: str, depth: int, heads: int) -> nn.Module | list[Block]:
+    """A stack of `layer_stacks`: a Python list of blocks, or with scan_layers one scanned
+    _Layer (remat inside the scan, so each iteration recomputes only its own block)."""
+    if not self.scan_layers:
+      return self._blocks(prefix, depth, heads)
+    scanned = nn.scan(self._remat(_Layer), variable_axes={"params": 0},
+                      split_rngs={"params": True}, in_axes=nn.broadcast, length=depth,
+                      metadata_params={nn.PARTITION_NAME: "layers"})
+    return scanned(heads, self.mlp_ratio, self.dtype, name=prefix)
+
+  def _run(self, stack: nn.Module | list[Block], x: jax.Array, emit: bool = False
+           ) -> tuple[jax.Array, list[jax.Array]]:
+    """(output, every layer's output if emit else []) of a stack made by `_stack`."""
+    if not self.scan_layers:
+      layers = []
+      for block in stack:
+        x = block(x, None)
+        layers.append(x)
+      return x, layers if emit else []
+    x, ys = stack(x, emit)
+    return x, [ys[i] for i in range(ys.shape[0])] if emit else []
 
   def setup(self):
     p, d = self.patch_size, self.embed_dim
@@ -80,8 +130,8 @@ class CAVMAE(nn.Module):
     self.patch_embed_v = Dense(d, ("patch", "embed"), self.dtype)
     self.modality_a = _embedding("modality_a", self, d)
     self.modality_v = _embedding("modality_v", self, d)
-    self.blocks_a = self._blocks("blocks_a", self.modality_specific_depth, self.num_heads)
-    self.blocks_v = self._blocks("blocks_v", self.modality_specific_depth, self.num_heads)
+    self.blocks_a = self._stack("blocks_a", self.modality_specific_depth, self.num_heads)
+    self.blocks_v = self._stack("blocks_v", self.modality_specific_depth, self.num_heads)
     self.blocks_u = self._blocks("blocks_u", self.shared_depth, self.num_heads)
     self.norm_a, self.norm_v, self.norm = (LayerNormParams(name=n)
                                            for n in ("norm_a", "norm_v", "norm"))
@@ -89,8 +139,8 @@ class CAVMAE(nn.Module):
     self.mask_token = _embedding("mask_token", self, self.decoder_embed_dim)
     self.decoder_modality_a = _embedding("decoder_modality_a", self, self.decoder_embed_dim)
     self.decoder_modality_v = _embedding("decoder_modality_v", self, self.decoder_embed_dim)
-    self.decoder_blocks = self._blocks("decoder_blocks", self.decoder_depth,
-                                       self.decoder_num_heads)
+    self.decoder_blocks = self._stack("decoder_blocks", self.decoder_depth,
+                                      self.decoder_num_heads)
     self.decoder_norm = LayerNormParams()
     self.decoder_pred_a = Dense(p * p, ("embed", "patch"), self.dtype)
     self.decoder_pred_v = Dense(p * p * 3, ("embed", "patch"), self.dtype)
@@ -129,10 +179,8 @@ class CAVMAE(nn.Module):
     per-modality latents (shared block with the modality's norms, `norm_a`/`norm_v`) that
     the contrastive loss pools, as the official forward_encoder.
     """
-    for block in self.blocks_a:
-      a = block(a, None)
-    for block in self.blocks_v:
-      v = block(v, None)
+    a, _ = self._run(self.blocks_a, a)
+    v, _ = self._run(self.blocks_v, v)
     joint = self._shared(jnp.concatenate([a, v], axis=1), None)
     return {
         "latent": layer_norm(joint, self.norm(self.embed_dim), self.dtype),
@@ -149,11 +197,8 @@ class CAVMAE(nn.Module):
     batch = audio.shape[0]
     a, v = self.embed_visible(audio, frames, masking.keep_all(batch, self.num_audio_tokens),
                               masking.keep_all(batch, self.num_video_tokens))
-    layers_a, layers_v = [a], [v]
-    for block in self.blocks_a:
-      layers_a.append(block(layers_a[-1], None))
-    for block in self.blocks_v:
-      layers_v.append(block(layers_v[-1], None))
+    layers_a = [a] + self._run(self.blocks_a, a, emit=True)[1]
+    layers_v = [v] + self._run(self.blocks_v, v, emit=True)[1]
     joint = [jnp.concatenate([x, y], axis=1) for x, y in zip(layers_a, layers_v)]
     final = {"audio": (layers_a, "a", self.norm_a), "video": (layers_v, "v", self.norm_v),
              "audio_video": (joint, None, self.norm)}
@@ -183,8 +228,7 @@ class CAVMAE(nn.Module):
     a = a + pos_a + self.decoder_modality_a.astype(self.dtype)
     v = v + pos_v + self.decoder_modality_v.astype(self.dtype)
     x = jnp.concatenate([a, v], axis=1)
-    for block in self.decoder_blocks:
-      x = block(x, None)
+    x, _ = self._run(self.decoder_blocks, x)
     x = layer_norm(x, self.decoder_norm(self.decoder_embed_dim), self.dtype)
     return (self.decoder_pred_a(x[:, :self.num_audio_tokens]),
             self.decoder_pred_v(x[:, self.num_audio_tokens:]))

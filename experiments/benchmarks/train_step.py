@@ -28,7 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from avmae import flops, optim, sharding, train
+from avmae import flops, masking, optim, sharding, train
 from avmae.methods import METHODS
 from configs import cav_mae
 
@@ -96,7 +96,7 @@ def saved_for_backward_bytes(config) -> int:
   batch = train.zeros_batch(config)
   params = jax.eval_shape(lambda: nn.meta.unbox(method.init(jax.random.key(0), batch))["params"])
   residuals = jax.eval_shape(lambda p: jax.vjp(
-      lambda q: method.loss_fn(q, batch, jax.random.key(1))[0], p)[1], params)
+      lambda q: method.loss_fn(q, batch, masking.example_keys(jax.random.key(1), config.data.batch_size))[0], p)[1], params)
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(residuals))
 
 
