@@ -1,0 +1,147 @@
+"""Does CAV-MAE base / large fit a TPU pod, and what does a step cost? Compiled, not guessed.
+
+    python experiments/benchmarks/pod_fit.py [--sizes=base,large] \
+        [--topologies=v4-32,v5e-256,v5p-128,v6e-256] [--slices=1,2] [--remat=none,full,dots] \
+        [--max_batch] [--scan_layers] [--out=rows.jsonl]
+
+Every row is one `avmae.aot.compile_step` of the trainer's own step for compile-only devices
+of the topology (libtpu): HBM per chip, whether it fits, compile seconds, all-reduce and
+all-gather bytes per step within and across slices, and XLA's FLOPs per chip. Rows at the
+official global batch (48, or the smallest multiple of the chip count where 48 does not
+split over the chips) and, with --max_batch, at the largest global batch that fits: the
+first compile's memory gives a linear estimate (temporaries grow with the batch), then
+compiles bisect between a batch that fits and one that does not, in steps of one example
+per data shard, until they are within 10 %. Rows are appended to --out as they finish (a
+run can be stopped and resumed: rows already there are skipped).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from absl import app, flags
+
+from avmae import aot
+from configs import cav_mae
+
+_SIZES = flags.DEFINE_list("sizes", ["base", "large"], "configs/cav_mae.py sizes.")
+_TOPOLOGIES = flags.DEFINE_list("topologies", ["v4-32", "v5e-256", "v5p-128", "v6e-256"],
+                                "Accelerator names (avmae.aot.known_topologies()).")
+_SLICES = flags.DEFINE_list("slices", ["1", "2"], "Slice counts.")
+_REMAT = flags.DEFINE_list("remat", ["none", "full", "dots"], "model.remat policies.")
+_MAX_BATCH = flags.DEFINE_bool("max_batch", False, "Also find the largest global batch.")
+_SCAN = flags.DEFINE_bool("scan_layers", True, "model.scan_layers (compiles 3-7x faster).")
+_OUT = flags.DEFINE_string("out", "/tmp/pod_fit.jsonl", "Rows, one JSON object a line.")
+# AudioSet-2M at the official batch: 36,900 steps an epoch (configs/cav_mae.py base).
+TRAIN_EXAMPLES = 36_900 * 48
+GiB = 2**30
+
+
+def _config(size: str, remat: str, batch: int):
+  return cav_mae.override(cav_mae.get_config(size), {
+      "model.remat": remat, "model.scan_layers": _SCAN.value, "data.batch_size": batch})
+
+
+def measure(size: str, topology: str, slices: int, remat: str, batch: int) -> dict:
+  row = {"size": size, "topology": topology, "slices": slices, "remat": remat, "batch": batch,
+         "scan_layers": _SCAN.value}
+  start = time.perf_counter()
+  try:
+    r = aot.compile_step(_config(size, remat, batch), topology, slices, TRAIN_EXAMPLES)
+  except aot.HbmOverflow as e:
+    return {**row, "fits": False, "compile_s": time.perf_counter() - start, "error": str(e)}
+  coll = lambda kind: sum(v["bytes"] for k, v in r.collectives.items() if kind in k)
+  return {**row, "fits": True, "compile_s": r.compile_seconds, "chips": r.devices,
+          "hbm_gib": r.total_bytes / GiB, "hbm_limit_gib": r.hbm_bytes / GiB,
+          "argument_gib": r.memory["argument"] / GiB, "temporary_gib": r.memory["temporary"] / GiB,
+          "all_reduce_mib": coll("all-reduce") / 2**20, "all_gather_mib": coll("all-gather") / 2**20,
+          "across_all_reduce_mib": sum(v["bytes"] for k, v in r.collectives.items()
+                                       if k == "across/all-reduce") / 2**20,
+          "xla_tflop_per_chip": r.xla_flops / 1e12, "analytic_tflop_per_chip": r.analytic_flops / 1e12}
+
+
+def largest_batch(size: str, topology: str, slices: int, remat: str, first: dict, emit) -> dict:
+  """The largest global batch that compiles within HBM, found by compiling."""
+  shards = first["chips"]  # data parallel over every chip (mesh data=-1)
+  fits, fails = first, None
+  # Temporaries grow with the batch, arguments do not: a linear first guess.
+  per_example = first["temporary_gib"] / first["batch"]
+  guess = int((first["hbm_limit_gib"] - first["argument_gib"]) / per_example) // shards * shards
+  candidate = max(guess, 2 * first["batch"])
+  while True:
+    row = emit(measure(size, topology, slices, remat, candidate))
+    fits, fails = (row, fails) if row["fits"] else (fits, row)
+    if fails is None:
+      candidate = 2 * fits["batch"]
+      continue
+    candidate = (fits["batch"] + fails["batch"]) // 2 // shards * shards
+    if fails["batch"] <= 1.1 * fits["batch"] or candidate <= fits["batch"]:
+      return {**fits, "largest": True}
+
+
+def official_batch(topology: str, slices: int) -> int:
+  """48 (the official global batch) where it splits over the chips; else the smallest
+  multiple of the chip count (data parallelism needs an example per chip)."""
+  chips = aot.parse_topology(topology).chips * slices
+  return -(-48 // chips) * chips
+
+
+def main(argv) -> None:
+  del argv
+  done = set()
+  if os.path.exists(_OUT.value):
+    for line in open(_OUT.value):
+      r = json.loads(line)
+      done.add((r["size"], r["topology"], r["slices"], r["remat"], r.get("largest", False)))
+
+  def emit(row: dict) -> dict:
+    with open(_OUT.value, "a") as f:
+      f.write(json.dumps(row) + "\n")
+    hbm = f"{row['hbm_gib']:.2f}" if row["fits"] else "over"
+    print(f"{row['size']:<6} {row['topology']:<8} x{row['slices']} remat={row['remat']:<5} "
+          f"batch {row['batch']:>6}: HBM/chip {hbm:>6} GiB, compile {row['compile_s']:.0f} s",
+          flush=True)
+    return row
+
+  for size in _SIZES.value:
+    for topology in _TOPOLOGIES.value:
+      for slices in map(int, _SLICES.value):
+        for remat in _REMAT.value:
+          key = (size, topology, slices, remat)
+          if key + (False,) in done:
+            continue
+          first = emit(measure(size, topology, slices, remat, official_batch(topology, slices)))
+          if _MAX_BATCH.value and first["fits"]:
+            emit(largest_batch(size, topology, slices, remat, first, emit))
+  print_table(_OUT.value)
+
+
+def print_table(path: str) -> None:
+  rows = [json.loads(line) for line in open(path)]
+  header = ("| size | topology | slices | remat | global batch | HBM / chip (GiB) | fits | "
+            "compile (s) | all-reduce MiB (across slices) | all-gather MiB | TFLOP / chip "
+            "(XLA / analytic) |")
+  print(header)
+  print("|---" * (header.count("|") - 1) + "|")
+  official = {(r["size"], r["topology"], r["slices"], r["remat"]): r["batch"] for r in rows[::-1]}
+  for r in rows:
+    key = (r["size"], r["topology"], r["slices"], r["remat"])
+    if not r["fits"] or not (r.get("largest") or r["batch"] == official[key]):
+      continue
+    batch = f"{r['batch']}{' (largest)' if r.get('largest') else ''}"
+    print(f"| {r['size']} | {r['topology']} | {r['slices']} | {r['remat']} | {batch} | "
+          f"{r['hbm_gib']:.2f} / {r['hbm_limit_gib']:.0f} | yes | {r['compile_s']:.0f} | "
+          f"{r['all_reduce_mib']:.0f} ({r['across_all_reduce_mib']:.0f}) | "
+          f"{r['all_gather_mib']:.0f} | {r['xla_tflop_per_chip']:.3f} / "
+          f"{r['analytic_tflop_per_chip']:.3f} |")
+  for r in rows:
+    if r["fits"] or r["batch"] != official[(r["size"], r["topology"], r["slices"], r["remat"])]:
+      continue
+    print(f"does not fit: {r['size']} {r['topology']} x{r['slices']} remat={r['remat']} "
+          f"batch {r['batch']}")
+
+
+if __name__ == "__main__":
+  app.run(main)
