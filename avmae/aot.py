@@ -128,6 +128,20 @@ def _shape_bytes(shape_text: str) -> int:
   return int(total)
 
 
+def _trip_count(line: str, bodies: dict[str, list[str]]) -> int:
+  """Iterations of a `while` op: XLA's known_trip_count, else the bound of a scan's
+  condition (`counter < constant(N)`, the counter counting up from 0); 1 if neither."""
+  known = _TRIP_COUNT.search(line)
+  if known:
+    return int(known.group(1))
+  cond = re.search(r"condition=%([\w.-]+)", line)
+  if " while(" not in line or not cond:
+    return 1
+  text = "\n".join(bodies.get(cond.group(1), []))
+  bounds = re.findall(r"s32\[\]\S* constant\((\d+)\)", text)
+  return int(bounds[0]) if len(bounds) == 1 and "direction=LT" in text else 1
+
+
 def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
   """{"within/all-gather": {"count": n, "bytes": b}, "across/all-reduce": ...} per step.
 
@@ -167,12 +181,11 @@ def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
         if key:
           counts[key + "/count"] += times
           counts[key + "/bytes"] += times * _shape_bytes(shape)
-      trip = _TRIP_COUNT.search(line)
+      trips = _trip_count(line, bodies)
       for group in _CALLED.findall(line):
         for callee in re.findall(r"%?([\w.-]+)", group):
           if callee in bodies and callee != name:
-            body = " body=" in line and f"body=%{callee}" in line
-            visit(callee, times * (int(trip.group(1)) if trip and body else 1))
+            visit(callee, times * (trips if f"body=%{callee}" in line else 1))
 
   if entry is not None:
     visit(entry, 1.0)

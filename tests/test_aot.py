@@ -38,11 +38,21 @@ def test_an_unknown_topology_lists_the_known_ones():
 
 
 def test_collectives_count_loop_bodies_once_per_iteration():
+  # A while with XLA's known trip count, and a scan's (counter < 5) without one.
   hlo = """HloModule m
 
 %body (p: (s32[], f32[8])) -> (s32[], f32[8]) {
   %ar = f32[8]{0} all-reduce(%x), replica_groups={{0,1}}, to_apply=%add
   %ag = bf16[4,2]{1,0} all-gather(%y), dimensions={0}
+}
+
+%cond (c: (s32[], f32[8])) -> pred[] {
+  %n = s32[]{:T(128)} constant(5)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+%scanned (p: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %g = f32[2,8]{1,0} all-gather(%z), dimensions={0}
 }
 
 %fused (q: f32[2]) -> f32[4] {
@@ -51,6 +61,7 @@ def test_collectives_count_loop_bodies_once_per_iteration():
 
 ENTRY %main (a: f32[8]) -> f32[8] {
   %w = (s32[], f32[8]) while(%t), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"12"}}
+  %v = (s32[], f32[8]) while(%t2), condition=%cond, body=%scanned
   %f = f32[4]{0} fusion(%a), kind=kLoop, calls=%fused
   %s = (f32[1,4]{1,0}, u32[], token[]) send(%b, %tok), is_host_transfer=true, frontend_attributes={_xla_megascale_transfer_type="ALL_REDUCE"}
   %d = f32[8]{0} all-reduce-done(%ar2)
@@ -58,7 +69,7 @@ ENTRY %main (a: f32[8]) -> f32[8] {
 """
   got = aot.collectives(hlo)
   assert got == {"within/all-reduce": {"count": 12, "bytes": 12 * 32},
-                 "within/all-gather": {"count": 12, "bytes": 12 * 16},
+                 "within/all-gather": {"count": 12 + 5, "bytes": 12 * 16 + 5 * 64},
                  "within/reduce-scatter": {"count": 1, "bytes": 16},
                  "across/all-reduce": {"count": 1, "bytes": 16}}
 
