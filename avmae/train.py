@@ -299,7 +299,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   mngr = checkpoint.manager(workdir, config.keep_checkpoints)
   latest = mngr.latest_step()
   if latest is not None:
-    target = checkpoint.abstract_with_shardings(abstract, state_shardings)
+    target = abstract  # carries the state's shardings
     # Restored in the layer layout the checkpoint's config records, converted to this run's.
     state, data_state = checkpoint.restore(mngr, latest, target, method.model.layer_stacks)
     batches.set_state(data_state)
@@ -308,7 +308,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       state = p_init()
     if config.init_checkpoint:
-      target = checkpoint.abstract_with_shardings(abstract["params"], state_shardings["params"])
+      target = abstract["params"]
       state["params"] = checkpoint.load_params(config.init_checkpoint, target,
                                                method.model.layer_stacks)
       print(f"initialised parameters from {config.init_checkpoint}", flush=True)

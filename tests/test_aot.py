@@ -103,6 +103,18 @@ def test_tiny_step_compiles_for_a_tpu_topology(num_slices):
   assert "HBM, headroom" in text and "XLA / analytic" in text and "within/all-gather" in text
 
 
+def test_a_scanned_step_reports_no_xla_flops_and_counts_collectives_per_layer():
+  # XLA counts a loop body once: its FLOPs would read ~1/depth of the step's.
+  reports = {scan: aot.compile_step(_tpu_tiny(**{"model.scan_layers": scan,
+                                                 "model.modality_specific_depth": 4}),
+                                    "v5e-4", 1, train_examples=2048) for scan in (False, True)}
+  assert reports[True].xla_flops is None and reports[False].xla_flops > 0
+  assert "XLA n/a (the program loops" in aot.format_report(reports[True])
+  # The gradients' all-reduce moves the same bytes whether the layers loop or not.
+  np.testing.assert_allclose(reports[True].collectives["within/all-reduce"]["bytes"],
+                             reports[False].collectives["within/all-reduce"]["bytes"], rtol=0.05)
+
+
 def test_a_step_too_big_for_the_chip_exits_2_with_the_levers():
   p = subprocess.run(
       [sys.executable, "-m", "avmae.aot", "--config=configs/cav_mae.py:tiny",
