@@ -90,11 +90,12 @@ def official_batch(topology: str, slices: int) -> int:
 
 def main(argv) -> None:
   del argv
-  done = set()
+  done = {}  # (size, topology, slices, remat, largest) -> its first row in --out
   if os.path.exists(_OUT.value):
     for line in open(_OUT.value):
       r = json.loads(line)
-      done.add((r["size"], r["topology"], r["slices"], r["remat"], r.get("largest", False)))
+      done.setdefault((r["size"], r["topology"], r["slices"], r["remat"],
+                       r.get("largest", False)), r)
 
   def emit(row: dict) -> dict:
     with open(_OUT.value, "a") as f:
@@ -110,10 +111,9 @@ def main(argv) -> None:
       for slices in map(int, _SLICES.value):
         for remat in _REMAT.value:
           key = (size, topology, slices, remat)
-          if key + (False,) in done:
-            continue
-          first = emit(measure(size, topology, slices, remat, official_batch(topology, slices)))
-          if _MAX_BATCH.value and first["fits"]:
+          first = done.get(key + (False,)) or emit(
+              measure(size, topology, slices, remat, official_batch(topology, slices)))
+          if _MAX_BATCH.value and first["fits"] and key + (True,) not in done:
             emit(largest_batch(size, topology, slices, remat, first, emit))
   print_table(_OUT.value)
 
@@ -131,7 +131,8 @@ def print_table(path: str) -> None:
     if not r["fits"] or not (r.get("largest") or r["batch"] == official[key]):
       continue
     batch = f"{r['batch']}{' (largest)' if r.get('largest') else ''}"
-    xla = "n/a" if r["xla_tflop_per_chip"] is None else f"{r['xla_tflop_per_chip']:.3f}"
+    xla = ("n/a" if r["xla_tflop_per_chip"] is None or r["scan_layers"]
+           else f"{r['xla_tflop_per_chip']:.3f}")
     print(f"| {r['size']} | {r['topology']} | {r['slices']} | {r['remat']} | {batch} | "
           f"{r['hbm_gib']:.2f} / {r['hbm_limit_gib']:.0f} | yes | {r['compile_s']:.0f} | "
           f"{r['all_reduce_mib']:.0f} ({r['across_all_reduce_mib']:.0f}) | "
