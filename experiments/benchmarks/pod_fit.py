@@ -119,7 +119,13 @@ def main(argv) -> None:
 
 
 def print_table(path: str) -> None:
-  rows = [json.loads(line) for line in open(path)]
+  rows, seen = [], set()
+  for line in open(path):  # the first row of each configuration (resumed runs may repeat)
+    r = json.loads(line)
+    key = (r["size"], r["topology"], r["slices"], r["remat"], r["batch"], r.get("largest", False))
+    if key not in seen:
+      seen.add(key)
+      rows.append(r)
   header = ("| size | topology | slices | remat | global batch | HBM / chip (GiB) | fits | "
             "compile (s) | all-reduce MiB (across slices) | all-gather MiB | TFLOP / chip "
             "(XLA / analytic; n/a: scanned, XLA counts a loop body once) |")
