@@ -13,6 +13,7 @@ import pickle
 from importlib import metadata
 from typing import Any, Callable
 
+from flax import traverse_util
 import flax.linen as nn
 import jax
 import ml_collections
@@ -49,17 +50,7 @@ def _fingerprint(lowered, config: ml_collections.ConfigDict, mesh: jax.sharding.
                  ) -> dict[str, Any]:
   return {"devices": _devices(mesh), "mesh": dict(mesh.shape), "versions": _versions(),
           "program_sha256": hashlib.sha256(lowered.as_text().encode()).hexdigest(),
-          "config": _flat(config.to_dict())}
-
-
-def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
-  return out
+          "config": traverse_util.flatten_dict(config.to_dict(), sep=".")}
 
 
 def save(path: str, compiled, lowered, config: ml_collections.ConfigDict,
