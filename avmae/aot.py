@@ -201,6 +201,10 @@ def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
 class HbmOverflow(RuntimeError):
   """The step needs more memory per chip than the chip has."""
 
+  def __init__(self, message: str, needed_bytes: float | None = None):
+    super().__init__(message)
+    self.needed_bytes = needed_bytes  # per chip, where XLA said it
+
 
 LEVERS = ("model.remat=full|dots (recompute activations), a larger mesh.fsdp (shard the "
           "parameters and optimizer state), a smaller data.batch_size per chip, or "
@@ -254,7 +258,7 @@ def _overflow(error: Exception, hbm: int | None) -> HbmOverflow | None:
   what = (f"needs {need / GiB:.2f} GiB per chip, {avail / GiB:.2f} GiB available"
           if need else f"does not fit the chip's {avail / GiB:.2f} GiB of HBM")
   detail = text.strip().splitlines()[0][:400]
-  return HbmOverflow(f"the train step {what}. Levers: {LEVERS}. XLA: {detail}")
+  return HbmOverflow(f"the train step {what}. Levers: {LEVERS}. XLA: {detail}", need)
 
 
 def compile_step(config: ml_collections.ConfigDict, topology: str = "local",
@@ -296,7 +300,7 @@ def compile_step(config: ml_collections.ConfigDict, topology: str = "local",
                   compiled, lowered, mesh)
   if not report.fits:
     raise HbmOverflow(f"the train step needs {report.total_bytes / GiB:.2f} GiB per chip, "
-                      f"{hbm / GiB:.2f} GiB available. Levers: {LEVERS}")
+                      f"{hbm / GiB:.2f} GiB available. Levers: {LEVERS}", report.total_bytes)
   return report
 
 

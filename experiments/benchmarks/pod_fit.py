@@ -9,9 +9,9 @@ of the topology (libtpu): HBM per chip, whether it fits, compile seconds, all-re
 all-gather bytes per step within and across slices, and XLA's FLOPs per chip. Rows at the
 official global batch (48, or the smallest multiple of the chip count where 48 does not
 split over the chips) and, with --max_batch, at the largest global batch that fits: the
-first compile's memory gives a linear estimate (temporaries grow with the batch), then
-compiles bisect between a batch that fits and one that does not, in steps of one example
-per data shard, until they are within 10 %. Rows are appended to --out as they finish (a
+compiles home in on it along the line through the measured HBM (secant steps: it is close to
+linear in the batch), between a batch that fits and one that does not, until the two are
+within 10 % (`largest_batch`). Rows are appended to --out as they finish (a
 run can be stopped and resumed: rows already there are skipped).
 """
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 
 from absl import app, flags
@@ -51,7 +52,8 @@ def measure(size: str, topology: str, slices: int, remat: str, batch: int) -> di
   try:
     r = aot.compile_step(_config(size, remat, batch), topology, slices, TRAIN_EXAMPLES)
   except aot.HbmOverflow as e:
-    return {**row, "fits": False, "compile_s": time.perf_counter() - start, "error": str(e)}
+    return {**row, "fits": False, "compile_s": time.perf_counter() - start, "error": str(e),
+            "needed_gib": None if e.needed_bytes is None else e.needed_bytes / GiB}
   coll = lambda kind: sum(v["bytes"] for k, v in r.collectives.items() if kind in k)
   return {**row, "fits": True, "compile_s": r.compile_seconds, "chips": r.devices,
           "hbm_gib": r.total_bytes / GiB, "hbm_limit_gib": r.hbm_bytes / GiB,
@@ -62,23 +64,51 @@ def measure(size: str, topology: str, slices: int, remat: str, batch: int) -> di
           "xla_tflop_per_chip": None if r.xla_flops is None else r.xla_flops / 1e12, "analytic_tflop_per_chip": r.analytic_flops / 1e12}
 
 
-def largest_batch(size: str, topology: str, slices: int, remat: str, first: dict, emit) -> dict:
-  """The largest global batch that compiles within HBM, found by compiling."""
+def _needed_gib(row: dict) -> float | None:
+  """HBM per chip the row's step needs: measured where it fits, XLA's figure where not."""
+  if row["fits"]:
+    return row["hbm_gib"]
+  if row.get("needed_gib") is not None:
+    return row["needed_gib"]
+  found = re.search(r"needs ([\d.]+) GiB per chip", row.get("error", ""))  # older rows
+  return float(found.group(1)) if found else None
+
+
+def largest_batch(size: str, topology: str, slices: int, remat: str, first: dict, emit,
+                  known: list[dict] = (), hints: list[tuple[int, float]] = ()) -> dict:
+  """The largest global batch that compiles within HBM, found by compiling.
+
+  HBM per chip is close to linear in the batch (temporaries grow, arguments do not), so each
+  next candidate is where the line through the two measured points nearest the limit meets
+  it (a secant step), kept strictly inside the bracket of a batch that fits and one that does
+  not; it stops when the two are within 10 % or one example per data shard. `known` are rows
+  already compiled for this configuration; `hints` are (batch, GiB) points that only steer
+  the estimate (e.g. the one-slice rows at twice the batch for two slices)."""
   shards = first["chips"]  # data parallel over every chip (mesh data=-1)
-  fits, fails = first, None
-  # Temporaries grow with the batch, arguments do not: a linear first guess.
-  per_example = first["temporary_gib"] / first["batch"]
-  guess = int((first["hbm_limit_gib"] - first["argument_gib"]) / per_example) // shards * shards
-  candidate = max(guess, 2 * first["batch"])
-  while True:
+  limit = first["hbm_limit_gib"]
+  rows = [first, *known]
+  fits = max((r for r in rows if r["fits"]), key=lambda r: r["batch"])
+  fails = min((r for r in rows if not r["fits"]), key=lambda r: r["batch"], default=None)
+  while fails is None or (fails["batch"] > 1.1 * fits["batch"]
+                          and fails["batch"] - fits["batch"] > shards):
+    measured = {r["batch"]: _needed_gib(r) for r in rows if _needed_gib(r)}
+    points = sorted({**dict(hints), **measured}.items(), key=lambda p: abs(p[1] - limit))[:2]
+    if len(points) == 2 and points[0][0] != points[1][0] and points[0][1] != points[1][1]:
+      (b1, h1), (b2, h2) = points
+      estimate = b1 + (0.99 * limit - h1) * (b2 - b1) / (h2 - h1)
+    else:  # one point: temporaries per example
+      estimate = (limit - first["argument_gib"]) * first["batch"] / first["temporary_gib"]
+    upper = fails["batch"] - shards if fails else float("inf")
+    candidate = int(min(max(estimate, fits["batch"] + shards), upper)) // shards * shards
+    if candidate <= fits["batch"]:
+      break
     row = emit(measure(size, topology, slices, remat, candidate))
-    fits, fails = (row, fails) if row["fits"] else (fits, row)
-    if fails is None:
-      candidate = 2 * fits["batch"]
-      continue
-    candidate = (fits["batch"] + fails["batch"]) // 2 // shards * shards
-    if fails["batch"] <= 1.1 * fits["batch"] or candidate <= fits["batch"]:
-      return {**fits, "largest": True}
+    rows.append(row)
+    if row["fits"] and row["batch"] > fits["batch"]:
+      fits = row
+    elif not row["fits"] and (fails is None or row["batch"] < fails["batch"]):
+      fails = row
+  return {**fits, "largest": True}
 
 
 def official_batch(topology: str, slices: int) -> int:
@@ -91,11 +121,13 @@ def official_batch(topology: str, slices: int) -> int:
 def main(argv) -> None:
   del argv
   done = {}  # (size, topology, slices, remat, largest) -> its first row in --out
+  history = {}  # (size, topology, slices, remat) -> every row compiled for it
   if os.path.exists(_OUT.value):
     for line in open(_OUT.value):
       r = json.loads(line)
-      done.setdefault((r["size"], r["topology"], r["slices"], r["remat"],
-                       r.get("largest", False)), r)
+      key = (r["size"], r["topology"], r["slices"], r["remat"])
+      done.setdefault(key + (r.get("largest", False),), r)
+      history.setdefault(key, []).append(r)
 
   def emit(row: dict) -> dict:
     with open(_OUT.value, "a") as f:
@@ -114,7 +146,11 @@ def main(argv) -> None:
           first = done.get(key + (False,)) or emit(
               measure(size, topology, slices, remat, official_batch(topology, slices)))
           if _MAX_BATCH.value and first["fits"] and key + (True,) not in done:
-            emit(largest_batch(size, topology, slices, remat, first, emit))
+            # Data parallel across slices: per chip, n slices at n x the batch ~ one slice.
+            hints = [(r["batch"] * slices, _needed_gib(r)) for r in
+                     history.get((size, topology, 1, remat), []) if _needed_gib(r)]
+            done[key + (True,)] = emit(largest_batch(size, topology, slices, remat, first, emit,
+                                                     history.get(key, []), hints))
   print_table(_OUT.value)
 
 
