@@ -15,7 +15,7 @@ import pytest
 
 from avmae.data import dataset_info, features, schema, tfrecord
 from data_prep import build, manifests, media, verify
-import media_factory
+from data_prep import media_factory
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 OPTIONS = build.BuildOptions(mel_bins=64, num_frames=4, frame_size=32, min_seconds=1.0)

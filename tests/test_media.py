@@ -1,4 +1,4 @@
-"""data_prep.media on real files written by PyAV (tests/media_factory.py)."""
+"""data_prep.media on real files written by PyAV (data_prep/media_factory.py)."""
 
 import os
 
@@ -6,7 +6,7 @@ import av
 import numpy as np
 import pytest
 
-import media_factory as mf
+from data_prep import media_factory as mf
 from data_prep import media
 
 RATE = 16000

@@ -1,8 +1,8 @@
 """data_prep benchmark: clips/s per core of raw media -> records, by stage, and a projection.
 
-    python experiments/benchmarks/data_prep.py [--quick] [--clips N] [--work_dir DIR]
+    python experiments/benchmarks/data_prep_speed.py [--quick] [--clips N] [--work_dir DIR]
 
-Writes N 10 s 640x360 25 fps h264 videos with AAC stereo 44.1 kHz audio (tests/media_factory,
+Writes N 10 s 640x360 25 fps h264 videos with AAC stereo 44.1 kHz audio (data_prep/media_factory,
 with moving gradients and noise so that h264 has real work), then times each stage of a clip
 at CAV-MAE settings (16 kHz mono, 128 mel bins, 10 frames at 224 px, JPEG quality 90),
 `data_prep.build.build` with 0, 1 and 2 workers, and the log-mel front ends. Media and shards
@@ -16,7 +16,6 @@ import io
 import os
 import resource
 import shutil
-import sys
 import tempfile
 import time
 from typing import Any, Callable
@@ -24,21 +23,13 @@ from typing import Any, Callable
 # Single-threaded BLAS/OpenMP before NumPy loads: every number here is per core.
 for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
   os.environ.setdefault(_var, "1")
-# Run as a script, this file's folder comes first on sys.path and this file would shadow the
-# data_prep package: put the repo root there instead (and tests/, for media_factory).
-_HERE = os.path.dirname(os.path.abspath(__file__))
-_ROOT = os.path.dirname(os.path.dirname(_HERE))
-sys.path[:] = [_ROOT, os.path.join(_ROOT, "tests")] + [
-    p for p in sys.path if p not in ("", _HERE, _ROOT)]
-
 import av  # noqa: E402
 import numpy as np  # noqa: E402
 import simplejpeg  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-import media_factory  # noqa: E402
 from avmae.data import features, schema, writer  # noqa: E402
-from data_prep import build, manifests, media  # noqa: E402
+from data_prep import build, manifests, media, media_factory  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("clips", 8, "Videos to generate and convert.")
