@@ -117,7 +117,10 @@ def _base_config(size: str) -> ml_collections.ConfigDict:
       remat="none",
       # Each stack of identical blocks as one nn.scan (compiles one block per stack; the
       # parameters get a leading "layers" axis). Checkpoints record it; loading converts.
-      scan_layers=False,
+      # On for the pod sizes: 3-7x faster compiles, and on a CPU a 30 % faster base step
+      # (unrolled, XLA:CPU fuses the residual gradient across blocks and recomputes it per
+      # block). Off for the CPU sizes, whose 2-block stacks run faster unrolled.
+      scan_layers=official,
       **MODEL_SIZES[size]))
 
   c.masking = ml_collections.ConfigDict(dict(ratio_a=0.75, ratio_v=0.75, mode_a="unstructured"))

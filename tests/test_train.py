@@ -53,18 +53,25 @@ def _abstract_state(config, mesh):
     return jax.eval_shape(lambda: train.init_state(method, opt, train.zeros_batch(config), 0))
 
 
-def test_base_has_the_official_parameter_count():
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_base_has_the_official_parameter_count(scan_layers):
   c = cav_mae.get_config("base")
-  c.data.batch_size = 8
+  assert c.model.scan_layers  # the pod sizes scan by default
+  c.data.batch_size, c.model.scan_layers = 8, scan_layers
   boxed = _abstract_state(c, sharding.make_mesh(c.mesh))
   params = sharding.strip_logical_names(boxed["params"])
   assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)) == 190_129_920
-  assert params["blocks_a_0"]["attn"]["qkv_kernel"].shape == (768, 3, 12, 64)
   assert params["decoder_pred_a"]["kernel"].shape == (512, 256)
   assert params["decoder_pred_v"]["kernel"].shape == (512, 768)
-  assert len([k for k in params if k.startswith("blocks_a_")]) == 11
-  assert len([k for k in params if k.startswith("decoder_blocks_")]) == 8
   assert set(params["blocks_u_0"]) >= {"norm1", "norm1_a", "norm1_v", "norm2", "norm2_a", "norm2_v"}
+  if scan_layers:  # one stack per block kind, a leading "layers" axis
+    assert params["blocks_a"]["attn"]["qkv_kernel"].shape == (11, 768, 3, 12, 64)
+    assert params["decoder_blocks"]["mlp"]["fc1"]["kernel"].shape == (8, 512, 2048)
+    assert not [k for k in params if k.startswith("blocks_a_")]
+  else:
+    assert params["blocks_a_0"]["attn"]["qkv_kernel"].shape == (768, 3, 12, 64)
+    assert len([k for k in params if k.startswith("blocks_a_")]) == 11
+    assert len([k for k in params if k.startswith("decoder_blocks_")]) == 8
 
 
 def _official_sincos(embed_dim, grid_h, grid_w):
@@ -249,8 +256,10 @@ def test_inspect_model_prints_the_table_and_count():
   assert out.returncode == 0, out.stderr[-2000:]
   assert "trainable parameters: 190129920" in out.stdout
   assert "mesh {'data': 2, 'fsdp': 2, 'tensor': 2} over 8 cpu device(s)" in out.stdout
-  row = [l for l in out.stdout.splitlines() if l.startswith("blocks_v_3/mlp/fc1/kernel ")]
-  assert row and row[0].split()[1:] == ["(768,", "3072)", "2,359,296", "P(fsdp,", "tensor)"]
+  # base scans its stacks: one row per stack, the "layers" axis unsharded.
+  row = [l for l in out.stdout.splitlines() if l.startswith("blocks_v/mlp/fc1/kernel ")]
+  assert row and row[0].split()[1:] == ["(11,", "768,", "3072)", "25,952,256", "P(None,",
+                                        "fsdp,", "tensor)"]
 
 
 def test_init_checkpoint_loads_params_from_a_run_or_an_npz(synthetic_dir, tmp_path):

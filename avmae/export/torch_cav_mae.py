@@ -7,6 +7,10 @@ num_classes=N`) and the audio-only finetuning model (`video=False`). The computa
 avmae/models/cav_mae.py: frequency-major audio tokens, 16x16 (`patch_size`) convolutions,
 fixed sin-cos position embeddings, blocks with three LayerNorm pairs (eps 1e-5), exact GELU.
 
+`pretraining_loss` is the official objective (per-patch-normalised MSE on masked patches plus
+InfoNCE at temperature 0.05 over the batch), so the module also trains: the peer of
+experiments/benchmarks/vs_torch.py.
+
 `hidden_states` gives what AV-SUPERB's upstream interface expects: lists of [B, T, D], one per
 layer, under `audio_feats`, `video_feats` and `fusion_feats`.
 """
@@ -252,3 +256,54 @@ class CAVMAE(nn.Module):
     out["embedding_a"] = F.normalize(out["latent_a"].mean(1), dim=-1)
     out["embedding_v"] = F.normalize(out["latent_v"].mean(1), dim=-1)
     return out
+
+
+# --- pretraining objective ---------------------------------------------------------------
+def patchify(x: torch.Tensor, patch: int) -> torch.Tensor:
+  """[B, C, H, W] -> [B, (H/p)*(W/p), p*p*C], as official (nchpwq->nhwpqc)."""
+  b, c, hh, ww = x.shape
+  h, w = hh // patch, ww // patch
+  x = torch.einsum("nchpwq->nhwpqc", x.reshape(b, c, h, patch, w, patch))
+  return x.reshape(b, h * w, patch * patch * c)
+
+
+def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+                        norm_pix: bool) -> torch.Tensor:
+  """Mean over masked patches (mask 1) of the per-patch MSE; norm_pix: each target patch
+  normalised by its mean and unbiased variance, as official."""
+  if norm_pix:
+    mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
+    target = (target - mean) / (var + 1e-6) ** 0.5
+  return (((pred - target) ** 2).mean(-1) * mask).sum() / mask.sum()
+
+
+def contrastive_loss(audio_rep: torch.Tensor, video_rep: torch.Tensor, temperature: float,
+                     bidirectional: bool) -> tuple[torch.Tensor, torch.Tensor]:
+  """Official forward_contrastive: softmax over the audio axis, positives on the diagonal."""
+  logits = F.normalize(audio_rep, dim=-1) @ F.normalize(video_rep, dim=-1).t() / temperature
+  own = torch.arange(logits.shape[0], device=logits.device)
+  nce = -torch.diag(F.log_softmax(logits, dim=0)).mean()
+  accuracy = (logits.argmax(0) == own).float().mean()
+  if bidirectional:
+    nce = (nce - torch.diag(F.log_softmax(logits.t(), dim=0)).mean()) / 2
+    accuracy = (accuracy + (logits.t().argmax(0) == own).float().mean()) / 2
+  return nce, accuracy
+
+
+def pretraining_loss(model: CAVMAE, audio: torch.Tensor, frames: torch.Tensor,
+                     masks: tuple[torch.Tensor, ...], mae_weight: float,
+                     contrastive_weight: float, temperature: float, bidirectional: bool,
+                     norm_pix: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+  """The CAV-MAE loss for given masks (ids_keep_a, ids_restore_a, mask_a, ids_keep_v,
+  ids_restore_v, mask_v; mask 1 = removed). Audio [B, T, F], frames [B, 3, H, W]."""
+  keep_a, restore_a, mask_a, keep_v, restore_v, mask_v = masks
+  out = model(audio, frames, keep_a, restore_a, keep_v, restore_v)
+  p = model.patch_size
+  rec_a = reconstruction_loss(out["pred_a"], patchify(audio.unsqueeze(1).transpose(2, 3), p),
+                              mask_a, norm_pix)
+  rec_v = reconstruction_loss(out["pred_v"], patchify(frames, p), mask_v, norm_pix)
+  nce, accuracy = contrastive_loss(out["latent_a"].mean(1), out["latent_v"].mean(1),
+                                   temperature, bidirectional)
+  loss = mae_weight * (rec_a + rec_v) + contrastive_weight * nce
+  return loss, {"loss_mae_a": rec_a, "loss_mae_v": rec_v, "nce": nce,
+                "contrastive_accuracy": accuracy}

@@ -22,6 +22,8 @@ class Method(NamedTuple):
   loss_fn: Callable[[Any, Batch, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
   reconstruct: Callable[[Any, Batch, jax.Array], dict[str, jax.Array]]
   train_step_flops: float
+  # example keys [B] -> the (audio, video) masks loss_fn draws with them (for peers, e.g. torch)
+  masks: Callable[[jax.Array], tuple[masking.Mask, masking.Mask]]
 
 
 def build(config: ml_collections.ConfigDict) -> Method:
@@ -92,4 +94,4 @@ def build(config: ml_collections.ConfigDict) -> Method:
       images[f"{name}_mask"] = unpatchify(jnp.broadcast_to(removed, target.shape))
     return images
 
-  return Method(model, init, loss_fn, reconstruct, flops.cav_mae_train_step_flops(config))
+  return Method(model, init, loss_fn, reconstruct, flops.cav_mae_train_step_flops(config), masks)

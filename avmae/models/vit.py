@@ -4,7 +4,7 @@ Parameters are annotated with logical names (`embed`, `mlp`, `heads`, `head_dim`
 `norm`); activations with `batch`, `tokens`, `act_embed`, `act_mlp`, `act_heads`. The rules
 that map them to mesh axes live in the config (avmae/sharding.py applies them).
 
-Attention is written with `self.param` and `jax.nn.dot_product_attention`, not
+Attention is written with `self.param` and its own `dot_product_attention`, not
 nn.MultiHeadDotProductAttention, which crashes with logical partitioning under a mesh.
 """
 
@@ -86,6 +86,50 @@ def layer_norm(x: jax.Array, params: tuple[jax.Array, jax.Array], dtype: Dtype) 
   return ((x32 - mean) * jax.lax.rsqrt(var + LN_EPS) * scale + bias).astype(dtype)
 
 
+# On a CPU, attention scores beyond this many bytes are computed in blocks of queries: about
+# the last-level cache of the machines measured (experiments/benchmarks/vs_torch.py).
+CPU_SCORE_BLOCK_BYTES = 32 * 2**20
+
+
+def _softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """softmax(q k^T) v over [B, T, heads, head_dim] for a pre-scaled q; scores in float32."""
+  scores = jnp.einsum("bqhc,bkhc->bhqk", q, k, preferred_element_type=jnp.float32)
+  return jnp.einsum("bhqk,bkhc->bqhc", jax.nn.softmax(scores, axis=-1).astype(v.dtype), v)
+
+
+def cpu_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """The attention of `dot_product_attention` as XLA:CPU runs it fastest.
+
+  - q is scaled before the product, not the [B, heads, T, T] scores after it (XLA:CPU
+    materialises the broadcast scale and reads it back);
+  - no grouped-query reshapes (jax.nn.dot_product_attention's add broadcasts and copies);
+  - scores over CPU_SCORE_BLOCK_BYTES are computed a block of queries at a time (lax.map),
+    each block recomputed in the backward pass (jax.checkpoint), so that the softmax's
+    several passes stay in cache. Each query's softmax is over all keys: exact, not online.
+  """
+  batch, tokens, heads, head_dim = q.shape
+  q = q * jnp.asarray(head_dim ** -0.5, q.dtype)
+  blocks = -(-batch * heads * tokens * k.shape[1] * 4 // CPU_SCORE_BLOCK_BYTES)
+  if blocks <= 1:
+    return _softmax_attention(q, k, v)
+  size = -(-tokens // blocks)
+  pad = blocks * size - tokens
+  q_blocks = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(
+      batch, blocks, size, heads, head_dim).swapaxes(0, 1)
+  y = jax.lax.map(jax.checkpoint(lambda qb: _softmax_attention(qb, k, v)), q_blocks)
+  return y.swapaxes(0, 1).reshape(batch, blocks * size, heads, -1)[:, :tokens]
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """softmax(q k^T / sqrt(head_dim)) v over [B, T, heads, head_dim], softmax in float32.
+
+  Chosen by the platform the step is lowered for (an AOT compile for a TPU takes the TPU's):
+  `cpu_attention` on a CPU, jax.nn.dot_product_attention's XLA path elsewhere. The two agree
+  to float32 rounding (tests/test_models.py)."""
+  return jax.lax.platform_dependent(q, k, v, cpu=cpu_attention,
+                                    default=jax.nn.dot_product_attention)
+
+
 class Attention(nn.Module):
   """Multi-head self-attention; fused qkv kernel [embed, 3, heads, head_dim]."""
   num_heads: int
@@ -114,7 +158,7 @@ class Attention(nn.Module):
     qkv = jnp.einsum("btd,dkhc->kbthc", x.astype(self.dtype), qkv_kernel.astype(self.dtype))
     qkv = qkv + qkv_bias.astype(self.dtype)[:, None, None]
     q, k, v = (constrain(t, "batch", "tokens", "act_heads", None) for t in qkv)
-    y = jax.nn.dot_product_attention(q, k, v)
+    y = dot_product_attention(q, k, v)
     y = jnp.einsum("bthc,hcd->btd", y, out_kernel.astype(self.dtype))
     return y + out_bias.astype(self.dtype)
 

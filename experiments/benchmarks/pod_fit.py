@@ -9,9 +9,9 @@ of the topology (libtpu): HBM per chip, whether it fits, compile seconds, all-re
 all-gather bytes per step within and across slices, and XLA's FLOPs per chip. Rows at the
 official global batch (48, or the smallest multiple of the chip count where 48 does not
 split over the chips) and, with --max_batch, at the largest global batch that fits: the
-compiles home in on it along the line through the measured HBM (secant steps: it is close to
-linear in the batch), between a batch that fits and one that does not, until the two are
-within 10 % (`largest_batch`). Rows are appended to --out as they finish (a
+compiles home in on it between a batch that fits and one that does not, along the line
+through their HBM (it is close to linear in the batch), until the two are within 10 %
+(`largest_batch`). Rows are appended to --out as they finish (a
 run can be stopped and resumed: rows already there are skipped).
 """
 
@@ -75,40 +75,39 @@ def _needed_gib(row: dict) -> float | None:
 
 
 def largest_batch(size: str, topology: str, slices: int, remat: str, first: dict, emit,
-                  known: list[dict] = (), hints: list[tuple[int, float]] = ()) -> dict:
+                  known: list[dict] = (), start: int | None = None) -> dict:
   """The largest global batch that compiles within HBM, found by compiling.
 
-  HBM per chip is close to linear in the batch (temporaries grow, arguments do not), so each
-  next candidate is where the line through the two measured points nearest the limit meets
-  it (a secant step), kept strictly inside the bracket of a batch that fits and one that does
-  not; it stops when the two are within 10 % or one example per data shard. `known` are rows
-  already compiled for this configuration; `hints` are (batch, GiB) points that only steer
-  the estimate (e.g. the one-slice rows at twice the batch for two slices)."""
+  HBM per chip is close to linear in the batch (temporaries grow, arguments do not): each
+  next candidate is where the line between the largest batch that fits and the smallest
+  that does not meets the limit (regula falsi), kept within the middle half of that bracket
+  so that it shrinks by a quarter at least (XLA's early overflow estimates are rough). It
+  stops when the two are within 10 % or one example per data shard. `known`: rows already
+  compiled for this configuration; `start`: the first candidate (e.g. twice the one-slice
+  answer for two slices)."""
   shards = first["chips"]  # data parallel over every chip (mesh data=-1)
   limit = first["hbm_limit_gib"]
   rows = [first, *known]
-  fits = max((r for r in rows if r["fits"]), key=lambda r: r["batch"])
-  fails = min((r for r in rows if not r["fits"]), key=lambda r: r["batch"], default=None)
-  while fails is None or (fails["batch"] > 1.1 * fits["batch"]
-                          and fails["batch"] - fits["batch"] > shards):
-    measured = {r["batch"]: _needed_gib(r) for r in rows if _needed_gib(r)}
-    points = sorted({**dict(hints), **measured}.items(), key=lambda p: abs(p[1] - limit))[:2]
-    if len(points) == 2 and points[0][0] != points[1][0] and points[0][1] != points[1][1]:
-      (b1, h1), (b2, h2) = points
-      estimate = b1 + (0.99 * limit - h1) * (b2 - b1) / (h2 - h1)
-    else:  # one point: temporaries per example
+  while True:
+    fits = max((r for r in rows if r["fits"]), key=lambda r: r["batch"])
+    fails = min((r for r in rows if not r["fits"] and r["batch"] > fits["batch"]),
+                key=lambda r: r["batch"], default=None)
+    if fails is None:  # no upper bound yet: the linear estimate from temporaries per example
       estimate = (limit - first["argument_gib"]) * first["batch"] / first["temporary_gib"]
-    upper = fails["batch"] - shards if fails else float("inf")
-    candidate = int(min(max(estimate, fits["batch"] + shards), upper)) // shards * shards
-    if candidate <= fits["batch"]:
-      break
-    row = emit(measure(size, topology, slices, remat, candidate))
-    rows.append(row)
-    if row["fits"] and row["batch"] > fits["batch"]:
-      fits = row
-    elif not row["fits"] and (fails is None or row["batch"] < fails["batch"]):
-      fails = row
-  return {**fits, "largest": True}
+      candidate = max(start or estimate, 2 * fits["batch"] if start is None else 0)
+      start = None
+    else:
+      lo, hi = fits["batch"], fails["batch"]
+      if hi <= 1.1 * lo or hi - lo <= shards:
+        return {**fits, "largest": True}
+      need = _needed_gib(fails)
+      estimate = (lo + (0.99 * limit - fits["hbm_gib"]) * (hi - lo) / (need - fits["hbm_gib"])
+                  if need and need > fits["hbm_gib"] else (lo + hi) / 2)
+      candidate = min(max(estimate, lo + (hi - lo) / 4), hi - (hi - lo) / 4)
+    candidate = int(candidate) // shards * shards
+    if candidate <= fits["batch"] or (fails and candidate >= fails["batch"]):
+      return {**fits, "largest": True}
+    rows.append(emit(measure(size, topology, slices, remat, candidate)))
 
 
 def official_batch(topology: str, slices: int) -> int:
@@ -147,10 +146,10 @@ def main(argv) -> None:
               measure(size, topology, slices, remat, official_batch(topology, slices)))
           if _MAX_BATCH.value and first["fits"] and key + (True,) not in done:
             # Data parallel across slices: per chip, n slices at n x the batch ~ one slice.
-            hints = [(r["batch"] * slices, _needed_gib(r)) for r in
-                     history.get((size, topology, 1, remat), []) if _needed_gib(r)]
+            one_slice = done.get((size, topology, 1, remat, True))
+            start = one_slice["batch"] * slices if one_slice and slices > 1 else None
             done[key + (True,)] = emit(largest_batch(size, topology, slices, remat, first, emit,
-                                                     history.get(key, []), hints))
+                                                     history.get(key, []), start))
   print_table(_OUT.value)
 
 
