@@ -259,3 +259,18 @@ def test_augmentations_are_pure_and_do_what_they_say():
   assert flips == {image[0, 0, 0], image[0, -1, 0]}
   np.testing.assert_allclose(augment.crop_or_pad(mel, 60)[50:], 0)
   np.testing.assert_array_equal(augment.crop_or_pad(mel, 20), mel[:20])
+
+
+def test_in_place_log_mel_ops_give_the_numbers_of_the_plain_expressions():
+  """normalize_log_mel and add_noise work in place for speed (experiments/benchmarks/
+  input_pipeline.py); the records they make are bit for bit those of the expressions."""
+  mel = np.random.default_rng(0).standard_normal((300, 128)).astype(np.float16) * 4 - 5
+  expected = ((mel.astype(np.float32) - -4.27) / 4.57).astype(np.float32)
+  got = augment.normalize_log_mel(mel, -4.27, 4.57)
+  assert got.dtype == np.float32 and np.array_equal(got, expected)
+  plain_rng, rng = np.random.default_rng(3), np.random.default_rng(3)
+  scale = plain_rng.random() * 0.1
+  expected = (got + scale * plain_rng.random(got.shape)).astype(np.float32)
+  noisy = augment.add_noise(got, rng, 0.1)
+  assert noisy.dtype == np.float32 and np.array_equal(noisy, expected)
+  assert np.array_equal(got, augment.normalize_log_mel(mel, -4.27, 4.57))  # input untouched

@@ -167,6 +167,10 @@ def print_table(path: str) -> None:
   print(header)
   print("|---" * (header.count("|") - 1) + "|")
   official = {(r["size"], r["topology"], r["slices"], r["remat"]): r["batch"] for r in rows[::-1]}
+  rank = lambda order, x: order.index(x) if x in order else len(order)
+  rows.sort(key=lambda r: (rank(["tiny", "base", "large"], r["size"]), r["topology"],
+                           r["slices"], rank(["none", "dots", "full"], r["remat"]),
+                           r.get("largest", False), r["batch"]))
   for r in rows:
     key = (r["size"], r["topology"], r["slices"], r["remat"])
     if not r["fits"] or not (r.get("largest") or r["batch"] == official[key]):
