@@ -117,10 +117,10 @@ def _base_config(size: str) -> ml_collections.ConfigDict:
       remat="none",
       # Each stack of identical blocks as one nn.scan (compiles one block per stack; the
       # parameters get a leading "layers" axis). Checkpoints record it; loading converts.
-      # On for the pod sizes: 3-7x faster compiles, and on a CPU a 30 % faster base step
-      # (unrolled, XLA:CPU fuses the residual gradient across blocks and recomputes it per
-      # block). Off for the CPU sizes, whose 2-block stacks run faster unrolled.
-      scan_layers=official,
+      # Off by default: on a TPU the unrolled base step needs less memory (3.67 against 5.31
+      # GiB per chip at batch 48 on a v5e-16), though it compiles 2-7x slower. On a CPU the
+      # scanned base step is 30 % faster (docs/speed.md).
+      scan_layers=False,
       **MODEL_SIZES[size]))
 
   c.masking = ml_collections.ConfigDict(dict(ratio_a=0.75, ratio_v=0.75, mode_a="unstructured"))

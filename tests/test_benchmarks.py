@@ -22,7 +22,7 @@ QUICK = {
     "scan_compile": (["--depths=1,2", "--targets=local", "--size=tiny", "--batch=8"],
                      "| local | 2 |"),
     "vs_torch": (["--sizes=tiny", "--batch=tiny:8", "--rounds=1", "--steps=1", "--matmul=256",
-                  "--profile"], "top torch ops"),
+                  "--scan_layers=True", "--profile"], "top torch ops"),
 }
 
 
@@ -49,6 +49,6 @@ def test_benchmark_runs_as_documented(name, tmp_path):
   assert p.returncode == 0, p.stderr[-3000:]
   assert expected in p.stdout, p.stdout[-3000:]
   if name == "vs_torch":  # same weights, masks and objective: the same first loss
-    jax_loss, torch_loss = re.search(r"\| tiny \| 8 \| float32 \| ([\d.]+) / ([\d.]+) \|",
+    jax_loss, torch_loss = re.search(r"\| tiny \| 8 \| float32 \| True \| ([\d.]+) / ([\d.]+) \|",
                                      p.stdout).groups()
     assert abs(float(jax_loss) - float(torch_loss)) < 1e-4

@@ -1,7 +1,8 @@
 """avmae's train step against the same step in PyTorch, side by side, interleaved in one run.
 
     python experiments/benchmarks/vs_torch.py [--sizes=tiny,base] [--batch=tiny:32,base:4] \
-        [--dtype=float32|bfloat16] [--rounds=4] [--steps=2] [--threads=0]
+        [--scan_layers=False,True] [--dtype=float32|bfloat16] [--rounds=4] [--steps=2] \
+        [--threads=0] [--profile]
 
 The peer is avmae's PyTorch CAV-MAE (`avmae/export/torch_cav_mae.py`, whose forward equals the
 official model's and whose `pretraining_loss` is the official objective; tests/test_export.py
@@ -54,6 +55,8 @@ _ROUNDS = flags.DEFINE_integer("rounds", 4, "Interleaved rounds (after one warm-
 _STEPS = flags.DEFINE_integer("steps", 2, "Steps per round and framework.")
 _THREADS = flags.DEFINE_integer("threads", 0, "torch intra-op threads (0: os.cpu_count()).")
 _MATMUL = flags.DEFINE_integer("matmul", 2048, "Side of the square matmul for the peak.")
+_SCAN = flags.DEFINE_list("scan_layers", ["False", "True"],
+                          "model.scan_layers values, a row each (the torch side is the same).")
 _PROFILE = flags.DEFINE_bool("profile", False, "Print the top ops of both steps by time.")
 _TOP = 12
 
@@ -191,9 +194,10 @@ def step_masks(config, method, batch_size: int, steps: int) -> list[tuple[torch.
   return out
 
 
-def compare(size: str, batch_size: int) -> dict:
+def compare(size: str, batch_size: int, scan_layers: bool) -> dict:
   config = cav_mae.get_config(size)
   config.data.batch_size, config.dtype = batch_size, _DTYPE.value
+  config.model.scan_layers = scan_layers
   m = config.model
   rng = np.random.default_rng(0)
   batch = {"audio": rng.standard_normal((batch_size, m.audio_frames, m.mel_bins)).astype(np.float32),
@@ -218,10 +222,11 @@ def compare(size: str, batch_size: int) -> dict:
   if _PROFILE.value:
     for name, top in (("avmae", profile_jax(jax_step, _STEPS.value)),
                       ("torch", profile_torch(torch_step, _STEPS.value))):
-      print(f"\n{size}: top {name} ops, ms per step (self time)")
+      print(f"\n{size} (scan_layers={scan_layers}): top {name} ops, ms per step (self time)")
       for ms, what in top:
         print(f"  {ms:9.1f}  {what[:150]}")
-  return {"size": size, "batch": batch_size, "compile_s": compile_s, "first_loss": first,
+  return {"size": size, "batch": batch_size, "scan": scan_layers, "compile_s": compile_s,
+          "first_loss": first,
           "flops": method.train_step_flops, **{k: statistics.median(v) for k, v in times.items()},
           "spread": {k: (min(v), max(v)) for k, v in times.items()}}
 
@@ -235,20 +240,23 @@ def main(argv) -> None:
         f"({threads} threads), jax {jax.__version__}; float32 matmul {_MATMUL.value}^3: "
         f"JAX {peak_jax / 1e9:.0f}, torch {peak_torch / 1e9:.0f} GFLOP/s\n")
   batches = dict(item.split(":") for item in _BATCH.value)
-  rows = [compare(size, int(batches[size])) for size in _SIZES.value]
-  print(f"| size | batch | dtype | step 0 loss avmae / torch | torch s/step | avmae s/step | "
-        f"torch / avmae | analytic GFLOP | avmae GFLOP/s (% of peak) | torch GFLOP/s (%) |")
-  print("|---" * 10 + "|")
+  rows = [compare(size, int(batches[size]), scan == "True")
+          for size in _SIZES.value for scan in _SCAN.value]
+  print(f"| size | batch | dtype | avmae scan_layers | step 0 loss avmae / torch | torch s/step "
+        f"| avmae s/step | torch / avmae | analytic GFLOP | avmae GFLOP/s (% of peak) | "
+        f"torch GFLOP/s (%) |")
+  print("|---" * 11 + "|")
   for r in rows:
     rate = {k: r["flops"] / r[k] for k in ("avmae", "torch")}
-    print(f"| {r['size']} | {r['batch']} | {_DTYPE.value} | {r['first_loss'][0]:.5f} / "
+    print(f"| {r['size']} | {r['batch']} | {_DTYPE.value} | {r['scan']} | "
+          f"{r['first_loss'][0]:.5f} / "
           f"{r['first_loss'][1]:.5f} | {r['torch']:.3f} | {r['avmae']:.3f} | "
           f"{r['torch'] / r['avmae']:.2f} | {r['flops'] / 1e9:.1f} | "
           f"{rate['avmae'] / 1e9:.0f} ({rate['avmae'] / peak_jax:.0%}) | "
           f"{rate['torch'] / 1e9:.0f} ({rate['torch'] / peak_torch:.0%}) |")
   print(f"\nmedian of {_ROUNDS.value} interleaved rounds of {_STEPS.value} steps; range per "
         "step (s): " + "; ".join(
-            f"{r['size']} avmae {r['spread']['avmae'][0]:.3f}-{r['spread']['avmae'][1]:.3f}, "
+            f"{r['size']} scan={r['scan']} avmae {r['spread']['avmae'][0]:.3f}-{r['spread']['avmae'][1]:.3f}, "
             f"torch {r['spread']['torch'][0]:.3f}-{r['spread']['torch'][1]:.3f}" for r in rows))
 
 
