@@ -83,19 +83,21 @@ def largest_batch(size: str, topology: str, slices: int, remat: str, first: dict
   that does not meets the limit (regula falsi), kept within the middle half of that bracket
   so that it shrinks by a quarter at least (XLA's early overflow estimates are rough). It
   stops when the two are within 10 % or one example per data shard. `known`: rows already
-  compiled for this configuration; `start`: the first candidate (e.g. twice the one-slice
-  answer for two slices)."""
+  compiled for this configuration; `start`: the first candidates, it and 10 % above it
+  (e.g. twice the one-slice answer for two slices: data parallel across slices)."""
   shards = first["chips"]  # data parallel over every chip (mesh data=-1)
   limit = first["hbm_limit_gib"]
   rows = [first, *known]
+  hints = [] if start is None else [start, -(-int(1.1 * start) // shards + 1) * shards]
   while True:
     fits = max((r for r in rows if r["fits"]), key=lambda r: r["batch"])
     fails = min((r for r in rows if not r["fits"] and r["batch"] > fits["batch"]),
                 key=lambda r: r["batch"], default=None)
-    if fails is None:  # no upper bound yet: the linear estimate from temporaries per example
+    if fails is None and hints:  # the hinted batch, then 10 % above it
+      candidate = hints.pop(0)
+    elif fails is None:  # no upper bound yet: the linear estimate from temporaries per example
       estimate = (limit - first["argument_gib"]) * first["batch"] / first["temporary_gib"]
-      candidate = max(start or estimate, 2 * fits["batch"] if start is None else 0)
-      start = None
+      candidate = max(estimate, 2 * fits["batch"])
     else:
       lo, hi = fits["batch"], fails["batch"]
       if hi <= 1.1 * lo or hi - lo <= shards:
