@@ -125,7 +125,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array
 
   Chosen by the platform the step is lowered for (an AOT compile for a TPU takes the TPU's):
   `cpu_attention` on a CPU, jax.nn.dot_product_attention's XLA path elsewhere. The two agree
-  to float32 rounding (tests/test_models.py)."""
+  to float32 rounding (tests/test_attention.py)."""
   return jax.lax.platform_dependent(q, k, v, cpu=cpu_attention,
                                     default=jax.nn.dot_product_attention)
 
