@@ -52,3 +52,44 @@ def test_benchmark_runs_as_documented(name, tmp_path):
     jax_loss, torch_loss = re.search(r"\| tiny \| 8 \| float32 \| True \| ([\d.]+) / ([\d.]+) \|",
                                      p.stdout).groups()
     assert abs(float(jax_loss) - float(torch_loss)) < 1e-4
+
+
+@pytest.fixture(scope="module")
+def pod_fit():
+  """The benchmark script as a module (loaded once: it defines absl flags)."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      "pod_fit", os.path.join(ROOT, "experiments", "benchmarks", "pod_fit.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.mark.parametrize("start", [None, 2048, 9000])
+def test_largest_batch_search_homes_in_on_the_limit(pod_fit, start):
+  # HBM affine in the batch, as the compiles measure it: 4 GiB of arguments, 3 MiB an
+  # example; 16 GiB chips, 8 data shards. The answer is 4,096 (the largest multiple of 8
+  # under 12 GiB of temporaries).
+  hbm = lambda batch: 4.0 + batch * 3 / 1024
+  compiled = []
+
+  def compile_row(batch):
+    compiled.append(batch)
+    row = {"batch": batch, "fits": hbm(batch) <= 16.0}
+    return {**row, "hbm_gib": hbm(batch)} if row["fits"] else {**row, "needed_gib": hbm(batch)}
+
+  first = {"batch": 48, "fits": True, "chips": 8, "hbm_gib": hbm(48), "hbm_limit_gib": 16.0,
+           "argument_gib": 4.0, "temporary_gib": 48 * 3 / 1024}
+  found = pod_fit.largest_batch(first, compile_row, start=start)
+  assert found["largest"] and found["fits"]
+  assert 4096 / 1.1 <= found["batch"] <= 4096, (found["batch"], compiled)
+  assert all(b % 8 == 0 for b in compiled)
+  assert len(compiled) <= 4, compiled
+
+
+def test_the_search_starts_from_answers_already_found(pod_fit):
+  done = {("base", "v5e-256", 1, "full", True): {"batch": 3000},
+          ("base", "v5e-256", 2, "none", True): {"batch": 5000}}
+  assert pod_fit.start_hint(done, "base", "v5e-256", 2, "full") == 6000  # 2 slices: 2x
+  assert pod_fit.start_hint(done, "base", "v5e-256", 2, "dots") == 5000  # remat none's
+  assert pod_fit.start_hint(done, "base", "v5e-256", 2, "none") is None

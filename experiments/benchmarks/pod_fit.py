@@ -21,6 +21,7 @@ import json
 import os
 import re
 import time
+from typing import Callable
 
 from absl import app, flags
 
@@ -74,17 +75,32 @@ def _needed_gib(row: dict) -> float | None:
   return float(found.group(1)) if found else None
 
 
-def largest_batch(size: str, topology: str, slices: int, remat: str, first: dict, emit,
-                  known: list[dict] = (), start: int | None = None) -> dict:
+def _extrapolate(fitting: list[dict], limit_gib: float) -> float:
+  """The batch where HBM reaches `limit_gib`: on the line through the two largest fitting
+  batches, or from one row's temporaries per example (arguments do not grow)."""
+  by_batch = {r["batch"]: r for r in fitting}
+  if len(by_batch) >= 2:
+    (b1, r1), (b2, r2) = sorted(by_batch.items())[-2:]
+    slope = (r2["hbm_gib"] - r1["hbm_gib"]) / (b2 - b1)
+    if slope > 0:
+      return b2 + (limit_gib - r2["hbm_gib"]) / slope
+  r = by_batch[max(by_batch)]
+  return (limit_gib - r["argument_gib"]) * r["batch"] / r["temporary_gib"]
+
+
+def largest_batch(first: dict, compile_row: Callable[[int], dict], known: list[dict] = (),
+                  start: int | None = None) -> dict:
   """The largest global batch that compiles within HBM, found by compiling.
 
   HBM per chip is close to linear in the batch (temporaries grow, arguments do not): each
   next candidate is where the line between the largest batch that fits and the smallest
   that does not meets the limit (regula falsi), kept within the middle half of that bracket
   so that it shrinks by a quarter at least (XLA's early overflow estimates are rough). It
-  stops when the two are within 10 % or one example per data shard. `known`: rows already
-  compiled for this configuration; `start`: the first candidates, it and 10 % above it
-  (e.g. twice the one-slice answer for two slices: data parallel across slices)."""
+  stops when the two are within 10 % or one example per data shard. With no failing batch
+  yet, the next candidate is on the line through the two largest that fit (at least 10 %
+  above the largest). `compile_row(batch)`: the row of one compile; `known`: rows already compiled
+  for this configuration; `start`: the first candidate (`start_hint`), then 10 % above it
+  if it came within 10 % of the limit."""
   shards = first["chips"]  # data parallel over every chip (mesh data=-1)
   limit = first["hbm_limit_gib"]
   rows = [first, *known]
@@ -93,11 +109,13 @@ def largest_batch(size: str, topology: str, slices: int, remat: str, first: dict
     fits = max((r for r in rows if r["fits"]), key=lambda r: r["batch"])
     fails = min((r for r in rows if not r["fits"] and r["batch"] > fits["batch"]),
                 key=lambda r: r["batch"], default=None)
+    if len(hints) == 1 and fits["hbm_gib"] < 0.9 * limit:
+      hints.clear()  # the hint fitted far below the limit: extrapolating is closer than +10 %
     if fails is None and hints:  # the hinted batch, then 10 % above it
       candidate = hints.pop(0)
-    elif fails is None:  # no upper bound yet: the linear estimate from temporaries per example
-      estimate = (limit - first["argument_gib"]) * first["batch"] / first["temporary_gib"]
-      candidate = max(estimate, 2 * fits["batch"])
+    elif fails is None:  # no upper bound yet: extrapolate the line of HBM against the batch
+      estimate = _extrapolate([r for r in rows if r["fits"]], 0.99 * limit)
+      candidate = max(estimate, 1.1 * fits["batch"], fits["batch"] + shards)
     else:
       lo, hi = fits["batch"], fails["batch"]
       if hi <= 1.1 * lo or hi - lo <= shards:
@@ -109,7 +127,18 @@ def largest_batch(size: str, topology: str, slices: int, remat: str, first: dict
     candidate = int(candidate) // shards * shards
     if candidate <= fits["batch"] or (fails and candidate >= fails["batch"]):
       return {**fits, "largest": True}
-    rows.append(emit(measure(size, topology, slices, remat, candidate)))
+    rows.append(compile_row(candidate))
+
+
+def start_hint(done: dict, size: str, topology: str, slices: int, remat: str) -> int | None:
+  """A first candidate from answers already found: n slices at n x the one-slice answer
+  (data parallel across slices: the same per chip), else remat none's answer, which
+  recomputing can only make smaller."""
+  one_slice = done.get((size, topology, 1, remat, True))
+  if one_slice and slices > 1:
+    return one_slice["batch"] * slices
+  no_remat = done.get((size, topology, slices, "none", True))
+  return no_remat["batch"] if no_remat and remat != "none" else None
 
 
 def official_batch(topology: str, slices: int) -> int:
@@ -147,11 +176,10 @@ def main(argv) -> None:
           first = done.get(key + (False,)) or emit(
               measure(size, topology, slices, remat, official_batch(topology, slices)))
           if _MAX_BATCH.value and first["fits"] and key + (True,) not in done:
-            # Data parallel across slices: per chip, n slices at n x the batch ~ one slice.
-            one_slice = done.get((size, topology, 1, remat, True))
-            start = one_slice["batch"] * slices if one_slice and slices > 1 else None
-            done[key + (True,)] = emit(largest_batch(size, topology, slices, remat, first, emit,
-                                                     history.get(key, []), start))
+            start = start_hint(done, size, topology, slices, remat)
+            compile_row = lambda batch: emit(measure(size, topology, slices, remat, batch))
+            done[key + (True,)] = emit(largest_batch(first, compile_row, history.get(key, []),
+                                                     start))
   print_table(_OUT.value)
 
 
