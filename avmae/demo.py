@@ -24,7 +24,6 @@ from avmae import plots, probe, sharding, train
 from avmae.data import pipeline
 from configs import cav_mae
 from configs import probe as probe_config
-from configs import data as data_config
 from data_prep import inspect, make_synthetic
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the dataset and pictures go.",
@@ -47,13 +46,19 @@ def main(argv: list[str]) -> None:
   data_dir = os.path.join(workdir, "data")
   os.makedirs(workdir, exist_ok=True)
 
+  # = python -m avmae.train --config=configs/cav_mae.py:demo
+  config = cav_mae.get_config("demo")
   start = _step(1, f"making the synthetic dataset in {data_dir}")
-  info = make_synthetic.make_synthetic(data_dir, seed=_SEED.value)
+  # At the demo model's geometry (64 px frames, 64 mel bins).
+  info = make_synthetic.make_synthetic(data_dir, seed=_SEED.value,
+                                       frame_size=config.model.image_size,
+                                       mel_bins=config.model.mel_bins)
   print(f"  done in {time.perf_counter() - start:.1f} s")
   inspect.summarize(data_dir, info)
 
   start = _step(2, f"reading it back through the pipeline on {jax.device_count()} device(s)")
-  cfg = data_config.get_config(data_dir)
+  config.data.dir = data_dir
+  cfg = config.data
   mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
   labels, examples = collections.Counter(), 0
   batch_size = cfg.batch_size - cfg.batch_size % jax.device_count()
@@ -77,8 +82,6 @@ def main(argv: list[str]) -> None:
   plots.plot_clips(inspect.read_clips(data_dir, info, "train", 4), picture)
   print(f"  saved {picture}")
 
-  config = cav_mae.get_config("demo")  # = python -m avmae.train --config=configs/cav_mae.py:demo
-  config.data.dir = data_dir
   config.total_steps = _STEPS.value or config.total_steps
   config.seed = _SEED.value
   start = _step(4, f"pretraining the tiny CAV-MAE (configs/cav_mae.py:demo) for "

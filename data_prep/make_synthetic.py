@@ -7,8 +7,10 @@ Each class fixes, from its index only (so every seed shares the same classes):
   the clip, that repeats from a random phase, so clip statistics do not depend on time);
 - a visual pattern: a shape and a drift (direction of motion across the frame).
 Nuisance varies per clip: pitch, loudness, noise levels, position, size, colours, rhythm
-phase and jitter, per-event strength. Every sound event makes the shape brighter with the same
-envelope, so the shape's contrast in the frame at time t follows the audio envelope at t.
+phase and jitter, per-event strength. Two of them tie a clip's sound to its own picture, not
+only to its class: every sound event makes the shape brighter with the same envelope (the
+shape's contrast in the frame at time t follows the audio envelope at t), and the larger the
+shape, the lower the pitch (as a larger object rings lower).
 """
 
 from __future__ import annotations
@@ -88,7 +90,8 @@ MOTIONS: dict[str, tuple[float, float]] = {
 SPLITS = ("train", "eval")
 _SHAPE_BASE = 0.35  # visibility of the shape between events, so every frame shows it
 _F0_RANGE = (160.0, 320.0)  # Hz, log-uniform
-_RADIUS_RANGE = (0.13, 0.17)  # fractions of the frame size
+_RADIUS_RANGE = (0.11, 0.19)  # fractions of the frame size, largest at the lowest pitch
+_RADIUS_JITTER = 0.1  # of the range: the size follows the pitch, not exactly
 _BACKGROUND_RANGE = (0.05, 0.4)  # per RGB channel
 _FOREGROUND_RANGE = (0.6, 1.0)
 
@@ -144,12 +147,13 @@ def _events(spec: dict[str, str], rng: np.random.Generator, clip_seconds: float
   return onsets, strengths, decay
 
 
-def synth_audio(spec: dict[str, str], env: np.ndarray, rng: np.random.Generator,
+def synth_audio(spec: dict[str, str], env: np.ndarray, pitch: float, rng: np.random.Generator,
                 sample_rate: int) -> np.ndarray:
-  """Harmonic tone of the class timbre at a random pitch, shaped by `env`, plus noise."""
+  """Harmonic tone of the class timbre shaped by `env`, plus noise; `pitch` in [0, 1] places
+  f0 log-uniformly in _F0_RANGE."""
   t = np.arange(env.shape[0]) / sample_rate
   amps = np.asarray(TIMBRES[spec["timbre"]])
-  f0 = np.exp(rng.uniform(*np.log(_F0_RANGE)))
+  f0 = np.exp(np.log(_F0_RANGE[0]) + pitch * np.log(_F0_RANGE[1] / _F0_RANGE[0]))
   harmonics = np.arange(1, len(amps) + 1)
   phases = rng.uniform(0.0, 2 * np.pi, len(amps))
   tone = amps @ np.sin(2 * np.pi * f0 * harmonics[:, None] * t[None, :] + phases[:, None])
@@ -161,9 +165,12 @@ def synth_audio(spec: dict[str, str], env: np.ndarray, rng: np.random.Generator,
 
 
 def render_frames(spec: dict[str, str], intensity: np.ndarray, progress: np.ndarray,
-                  rng: np.random.Generator, size: int) -> np.ndarray:
-  """uint8 [N, size, size, 3]: the shape at each frame's position and brightness."""
-  radius = size * rng.uniform(*_RADIUS_RANGE)
+                  pitch: float, rng: np.random.Generator, size: int) -> np.ndarray:
+  """uint8 [N, size, size, 3]: the shape at each frame's position and brightness, larger for
+  a lower `pitch` (in [0, 1], as synth_audio's)."""
+  lo, hi = _RADIUS_RANGE
+  jitter = _RADIUS_JITTER * rng.uniform(-0.5, 0.5)
+  radius = size * (lo + (hi - lo) * np.clip(1.0 - pitch + jitter, 0.0, 1.0))
   move = np.asarray(MOTIONS[spec["motion"]]) * size
   margin = 1.5 * radius + 1  # sdf extents reach ~1.4 radius (x_cross tips)
   lo = margin - np.minimum(move, 0.0)
@@ -199,10 +206,11 @@ def make_clip(label: int, rng: np.random.Generator, *, clip_seconds: float, samp
   onsets, strengths, decay = _events(spec, rng, clip_seconds)
   num_samples = int(round(clip_seconds * sample_rate))
   env = envelope(np.arange(num_samples) / sample_rate, onsets, strengths, decay)
-  waveform = synth_audio(spec, env, rng, sample_rate)
+  pitch = rng.uniform()  # where f0 was drawn before the size followed it: the same audio
+  waveform = synth_audio(spec, env, pitch, rng, sample_rate)
   timestamps = (np.arange(frames_per_clip) + 0.5) * clip_seconds / frames_per_clip
   frame_env = envelope(timestamps, onsets, strengths, decay)
-  frames = render_frames(spec, frame_env, timestamps / clip_seconds, rng, frame_size)
+  frames = render_frames(spec, frame_env, timestamps / clip_seconds, pitch, rng, frame_size)
   return {"waveform": waveform, "frames": frames, "timestamps": timestamps.astype(np.float32),
           "envelope": frame_env}
 

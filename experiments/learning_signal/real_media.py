@@ -7,7 +7,8 @@ classes is a kind of sound (plucked string, bell, drum, whistle, buzzer, chirp, 
 with a kind of moving two-colour picture (stripes of an orientation, checkerboard, rings,
 dots, a wipe, ...). Pitch, tempo, loudness, noise, the two colours (either one the brighter),
 phase, speed and scale vary per clip. Then, as a user would:
-`data_prep.build` (defaults except --frame_size 32 --mel_bins 64 --num_frames 4 --num_shards),
+`data_prep.build` (defaults except --frame_size and --mel_bins, the demo's geometry: 64 and 64,
+--num_frames 4 and --num_shards),
 `avmae.train --config=configs/cav_mae.py:demo`, `avmae.probe --config.steps=all` (a random
 init of the same shape beside), and a table of pretrained vs random init with the margins.
 """
@@ -25,6 +26,8 @@ import time
 
 import av
 import numpy as np
+
+from configs import cav_mae
 
 RATE, FPS, SIZE, SECONDS = 16000, 25, 96, 2.0
 SOUNDS = ("pluck", "bell", "drum", "whistle", "buzzer", "chirp", "hum", "clicks")
@@ -166,9 +169,11 @@ def main() -> None:
   start = time.perf_counter()
   manifest = make_media(media, args.num_train, args.num_eval, args.seed)
   times["write mp4"] = time.perf_counter() - start
+  demo = cav_mae.get_config("demo").model
   stages = [
       ("data_prep.build", ["data_prep.build", f"--manifest={manifest}", f"--media_root={media}",
-                           f"--out_dir={data}", "--frame_size=32", "--mel_bins=64",
+                           f"--out_dir={data}", f"--frame_size={demo.image_size}",
+                           f"--mel_bins={demo.mel_bins}",
                            "--num_frames=4", "--num_shards=train=4,eval=1", "--tfds=false"]),
       ("pretrain", ["avmae.train", "--config=configs/cav_mae.py:demo", f"--workdir={train_dir}",
                     f"--config.data.dir={data}"]),
