@@ -6,7 +6,7 @@
 - handcrafted video: logistic regression on the 2-D FFT magnitude of the middle frame's
   foreground mask (distance from the border colour): translation-invariant shape;
 - handcrafted audio: logistic regression on the mean and std over time of each mel bin;
-- supervised tiny ViT: the tiny CAV-MAE video encoder (mean-pooled, linear head) trained end
+- supervised ViT: the video encoder of `--size` (tiny; mean-pooled, linear head) trained end
   to end on the labels from one random frame, `--supervised_steps` steps of batch 32: can the
   architecture learn the visual classes at all in a demo's budget?
 Prints one row per dataset.
@@ -66,9 +66,9 @@ def _logistic(train, test, key) -> float:
   return float((clf.predict(test[key]) == test["labels"]).mean())
 
 
-def supervised_vit(data_dir: str, steps: int, seed: int = 0) -> float:
-  """Eval top-1 of the tiny video encoder + linear head trained end to end on the labels."""
-  config = cav_mae.get_config("tiny")
+def supervised_vit(data_dir: str, steps: int, seed: int = 0, size: str = "tiny") -> float:
+  """Eval top-1 of the video encoder of `size` + linear head trained end to end on the labels."""
+  config = cav_mae.get_config(size)
   config.data.dir = data_dir
   method = METHODS[config.method](config)
   num_classes = len(dataset_info.load(data_dir)["label_names"])
@@ -103,13 +103,15 @@ def main() -> None:
   ap = argparse.ArgumentParser()
   ap.add_argument("data", nargs="+")
   ap.add_argument("--supervised_steps", type=int, default=1000)
+  ap.add_argument("--size", default="tiny", help="configs/cav_mae.py size of the supervised ViT")
   args = ap.parse_args()
   print(f"{'dataset':<48} {'raw px':>7} {'fft(fg)':>8} {'audio hc':>9} {'sup. ViT':>9}")
   for data_dir in args.data:
     train, test = _features(data_dir, "train"), _features(data_dir, "eval")
     scores = [_logistic(train, test, k)
               for k in ("raw_pixels", "handcrafted_video", "handcrafted_audio")]
-    sup = supervised_vit(data_dir, args.supervised_steps) if args.supervised_steps else np.nan
+    sup = (supervised_vit(data_dir, args.supervised_steps, size=args.size)
+           if args.supervised_steps else np.nan)
     print(f"{data_dir:<48} {scores[0]:>7.3f} {scores[1]:>8.3f} {scores[2]:>9.3f} {sup:>9.3f}",
           flush=True)
 
