@@ -62,8 +62,9 @@ def _apply(method, params, name):
 
 
 def _close(a, b, **tol):
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(
-      np.asarray(x, np.float32), np.asarray(y, np.float32), **tol), a, b)
+  jax.tree_util.tree_map_with_path(lambda path, x, y: np.testing.assert_allclose(
+      np.asarray(x, np.float32), np.asarray(y, np.float32), err_msg=jax.tree_util.keystr(path),
+      **tol), a, b)
 
 
 def _equal(a, b):
@@ -164,6 +165,30 @@ def _restore_state(workdir, step, scan_layers):
     mngr.close()
 
 
+def _without_key_bias(state):
+  """`state` with the key part of every qkv_bias (and of its optimizer moments) zeroed. Its
+  gradient is zero in exact arithmetic (softmax ignores a shift shared by all keys), so what
+  it holds after training is rounding noise that Adam scales up: no layout reproduces it."""
+  def zero_key(path, x):
+    if "qkv_bias" not in jax.tree_util.keystr(path):
+      return x
+    x = np.array(x)  # [q/k/v, heads, head_dim]
+    x[1] = 0.0
+    return x
+  return jax.tree_util.tree_map_with_path(zero_key, state)
+
+
+def test_the_key_bias_gets_only_rounding_noise_as_gradient():
+  # Why _without_key_bias may leave it out: measured 1e-10 against 2e-3 for the query bias.
+  method = _method(False)
+  _, grads = _loss_and_grads(method, _unrolled_params(method))
+  biases = [np.asarray(g) for p, g in jax.tree_util.tree_leaves_with_path(grads)
+            if "qkv_bias" in jax.tree_util.keystr(p)]
+  assert len(biases) == sum(STACKS.values()) + 1  # and the shared block
+  for b in biases:
+    assert np.abs(b[1]).max() <= 1e-5 * np.abs(b[0]).max(), np.abs(b).max(axis=(1, 2))
+
+
 def test_resume_converts_between_layouts_and_trains_as_unrolled(tiny_run, tmp_path):
   data, run = tiny_run  # unrolled, checkpoints at steps 2 and 4
   mixed, straight = tmp_path / "mixed", tmp_path / "straight"
@@ -180,8 +205,8 @@ def test_resume_converts_between_layouts_and_trains_as_unrolled(tiny_run, tmp_pa
   for key in ("loss", "loss_mae", "loss_contrastive", "grad_norm"):
     np.testing.assert_allclose([m[key] for m in got], [m[key] for m in want], rtol=1e-5,
                                err_msg=key)
-  _close(_restore_state(mixed, 6, False), _restore_state(straight, 6, False), rtol=1e-4,
-         atol=1e-6)
+  _close(_without_key_bias(_restore_state(mixed, 6, False)),
+         _without_key_bias(_restore_state(straight, 6, False)), rtol=1e-4, atol=1e-6)
   # Restored into the other layout, a checkpoint is its converted copy, bit for bit.
   for step, saved in ((4, False), (5, True)):
     as_saved = _restore_state(mixed, step, saved)
