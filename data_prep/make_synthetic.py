@@ -168,9 +168,9 @@ def render_frames(spec: dict[str, str], intensity: np.ndarray, progress: np.ndar
                   pitch: float, rng: np.random.Generator, size: int) -> np.ndarray:
   """uint8 [N, size, size, 3]: the shape at each frame's position and brightness, larger for
   a lower `pitch` (in [0, 1], as synth_audio's)."""
-  lo, hi = _RADIUS_RANGE
+  smallest, largest = _RADIUS_RANGE
   jitter = _RADIUS_JITTER * rng.uniform(-0.5, 0.5)
-  radius = size * (lo + (hi - lo) * np.clip(1.0 - pitch + jitter, 0.0, 1.0))
+  radius = size * (smallest + (largest - smallest) * np.clip(1.0 - pitch + jitter, 0.0, 1.0))
   move = np.asarray(MOTIONS[spec["motion"]]) * size
   margin = 1.5 * radius + 1  # sdf extents reach ~1.4 radius (x_cross tips)
   lo = margin - np.minimum(move, 0.0)
