@@ -65,11 +65,11 @@ def pod_fit():
   return module
 
 
-@pytest.mark.parametrize("start", [None, 2048, 9000])
-def test_largest_batch_search_homes_in_on_the_limit(pod_fit, start):
-  # HBM affine in the batch, as the compiles measure it: 4 GiB of arguments, 3 MiB an
-  # example; 16 GiB chips, 8 data shards. The answer is 4,096 (the largest multiple of 8
-  # under 12 GiB of temporaries).
+def _affine_hbm_compiler():
+  """A stand-in for the compiler with HBM affine in the batch, as the compiles measure it:
+  4 GiB of arguments, 3 MiB an example; 16 GiB chips, 8 data shards. The largest batch that
+  fits is 4,096 (the largest multiple of 8 under 12 GiB of temporaries). Returns the list of
+  compiled batches, `compile_row` and the first (official batch) row."""
   hbm = lambda batch: 4.0 + batch * 3 / 1024
   compiled = []
 
@@ -80,11 +80,25 @@ def test_largest_batch_search_homes_in_on_the_limit(pod_fit, start):
 
   first = {"batch": 48, "fits": True, "chips": 8, "hbm_gib": hbm(48), "hbm_limit_gib": 16.0,
            "argument_gib": 4.0, "temporary_gib": 48 * 3 / 1024}
+  return compiled, compile_row, first
+
+
+@pytest.mark.parametrize("start", [None, 2048, 9000])
+def test_largest_batch_search_homes_in_on_the_limit(pod_fit, start):
+  compiled, compile_row, first = _affine_hbm_compiler()
   found = pod_fit.largest_batch(first, compile_row, start=start)
   assert found["largest"] and found["fits"]
   assert 4096 / 1.1 <= found["batch"] <= 4096, (found["batch"], compiled)
   assert all(b % 8 == 0 for b in compiled)
   assert len(compiled) <= 4, compiled
+
+
+def test_a_close_hint_takes_two_compiles(pod_fit):
+  # A hint of 4,000 (2 slices at twice the one-slice answer) fits within 10 % of the
+  # answer of 4,096, and 10 % above it fails: two compiles bracket the limit.
+  compiled, compile_row, first = _affine_hbm_compiler()
+  found = pod_fit.largest_batch(first, compile_row, start=4000)
+  assert (found["batch"], compiled) == (4000, [4000, 4400])
 
 
 def test_the_search_starts_from_answers_already_found(pod_fit):

@@ -104,7 +104,9 @@ def largest_batch(first: dict, compile_row: Callable[[int], dict], known: list[d
   shards = first["chips"]  # data parallel over every chip (mesh data=-1)
   limit = first["hbm_limit_gib"]
   rows = [first, *known]
-  hints = [] if start is None else [start, -(-int(1.1 * start) // shards + 1) * shards]
+  # 10 % above the hint, not past it: if that fails, the bracket is already within 10 %.
+  hints = [] if start is None else [start, max(int(1.1 * start) // shards * shards,
+                                               start + shards)]
   while True:
     fits = max((r for r in rows if r["fits"]), key=lambda r: r["batch"])
     fails = min((r for r in rows if not r["fits"] and r["batch"] > fits["batch"]),
