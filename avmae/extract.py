@@ -18,9 +18,9 @@ import ml_collections
 import numpy as np
 
 from avmae import checkpoint, sharding
-from avmae.data import augment, dataset_info, pipeline
+from avmae.data import dataset_info, pipeline
 from avmae.methods import METHODS
-from avmae.train import zeros_batch
+from avmae.methods.method import Method
 
 
 def training_config(checkpoint_dir: str) -> ml_collections.ConfigDict:
@@ -42,27 +42,26 @@ def saved_steps(checkpoint_dir: str) -> list[int]:
 
 
 def load_params(train_config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
-                checkpoint_dir: str, step: int | None, seed: int) -> Any:
-  """Parameters of checkpoint `step` (None: a random initialisation of the same model),
-  placed with the training rules on `mesh` (any mesh: restore reshards)."""
+                checkpoint_dir: str, step: int | None, seed: int) -> tuple[Method, Any]:
+  """(method, parameters of checkpoint `step`; None: a random initialisation of the same
+  model), placed with the training rules on `mesh` (any mesh: restore reshards)."""
   method = METHODS[train_config.method](train_config)
   rules = tuple(tuple(r) for r in train_config.sharding_rules)
-  config = ml_collections.ConfigDict(train_config.to_dict())
-  config.data.batch_size = sharding.num_batch_shards(mesh, config.data.batch_axes)
+  example = lambda: method.example_batch(
+      sharding.num_batch_shards(mesh, train_config.data.batch_axes))
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    boxed = jax.eval_shape(lambda: method.init(jax.random.key(seed), zeros_batch(config)))
+    boxed = jax.eval_shape(lambda: method.init(jax.random.key(seed), example()))
     shardings = sharding.logical_to_shardings(boxed, mesh, rules)["params"]
     abstract = sharding.strip_logical_names(boxed)["params"]
     if step is None:
-      init = jax.jit(lambda: nn.meta.unbox(method.init(jax.random.key(seed),
-                                                       zeros_batch(config)))["params"],
+      init = jax.jit(lambda: nn.meta.unbox(method.init(jax.random.key(seed), example()))["params"],
                      out_shardings=shardings)
-      return method.model, init()
+      return method, init()
   target = checkpoint.abstract_with_shardings(abstract, shardings)
   path = os.path.join(checkpoint_dir, "checkpoints", str(step))
   try:
     # In the model's layer layout (model.scan_layers), whichever the checkpoint holds.
-    return method.model, checkpoint.load_params(path, target, method.model.layer_stacks)
+    return method, checkpoint.load_params(path, target, method.model.layer_stacks)
   except (ValueError, KeyError) as e:
     raise ValueError(f"{path}: the checkpoint does not fit the model of {checkpoint_dir}/"
                      f"config.json ({e})") from e
@@ -81,7 +80,7 @@ def dataset_hash(data_dir: str) -> str:
     return hashlib.sha256(f.read()).hexdigest()[:16]
 
 
-def extract(model, params: Any, data_cfg: ml_collections.ConfigDict, split: str,
+def extract(method: Method, params: Any, data_cfg: ml_collections.ConfigDict, split: str,
             mesh: jax.sharding.Mesh, cache_dir: str | None, spec_key: str) -> dict[str, np.ndarray]:
   """Features of every record of `split` ({mode: [N, D]}, "<mode>_layers": [N, L, D],
   "labels": [N, C], "record_index": [N]), from the cache when the key matches."""
@@ -92,18 +91,8 @@ def extract(model, params: Any, data_cfg: ml_collections.ConfigDict, split: str,
     return dict(np.load(path))
 
   def features(params, batch):
-    frames = augment.normalize_image(batch["frames"])
-    audio = batch["audio"]
-    if frames.ndim == 5:  # all frames: features of each frame with the clip's audio, averaged
-      b, n = frames.shape[:2]
-      frames = frames.reshape((b * n,) + frames.shape[2:])
-      out = model.apply({"params": params}, jnp.repeat(audio, n, axis=0), frames,
-                        method="features")
-      out = {k: v.reshape((b, n) + v.shape[1:]).mean(1) for k, v in out.items()}
-    else:
-      out = model.apply({"params": params}, audio, frames, method="features")
-    return {**out, "labels": batch["labels"], "record_index": batch["record_index"],
-            "valid": batch["valid"]}
+    return {**method.features(params, batch), "labels": batch["labels"],
+            "record_index": batch["record_index"], "valid": batch["valid"]}
 
   # Replicated outputs: every process gets the whole batch's features.
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())

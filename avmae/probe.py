@@ -116,11 +116,13 @@ def probe_mode(config, train_x, train_y, val_x, val_y, test_x, test_y, multilabe
   return rows
 
 
-def retrieval_rows(test: dict[str, np.ndarray]) -> list[dict[str, Any]]:
-  both = metrics.retrieval_both_ways(test["audio"], test["video"])
-  return [{"mode": f"retrieval_{direction}", "metric": k, "value": float(v), "lr": None,
+def retrieval_rows(test: dict[str, np.ndarray], directions: dict[str, tuple[str, str]]
+                   ) -> list[dict[str, Any]]:
+  """Retrieval in each direction: {name: (query mode, gallery mode)} over the test features."""
+  return [{"mode": f"retrieval_{name}", "metric": k, "value": float(v), "lr": None,
            "weight_decay": None, "split": "test", "selected": True}
-          for direction, values in both.items() for k, v in values.items()]
+          for name, (query, gallery) in directions.items()
+          for k, v in metrics.retrieval(test[query], test[gallery]).items()]
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:
@@ -133,13 +135,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
                      "dtype": train_config.dtype})
   rows: list[dict[str, Any]] = []
   for step in _steps(config):
-    model, params = extract.load_params(train_config, mesh, config.checkpoint_dir, step,
-                                        config.seed)
+    method, params = extract.load_params(train_config, mesh, config.checkpoint_dir, step,
+                                         config.seed)
     label = "random_init" if step is None else step
     for data_dir in str(config.data.dir).split(","):
       data = _data_config(config, train_config, data_dir)
       start = time.perf_counter()
-      get = lambda split: extract.extract(model, params, data, split, mesh, cache, spec)
+      get = lambda split: extract.extract(method, params, data, split, mesh, cache, spec)
       train, test = get(config.splits.train), get(config.splits.test)
       if config.splits.val:
         val = get(config.splits.val)
@@ -156,7 +158,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
                                test["labels"], multilabel)
         rows += [{**base, "mode": mode, **r} for r in mode_rows]
       if config.retrieval:
-        rows += [{**base, **r} for r in retrieval_rows(test)]
+        rows += [{**base, **r} for r in retrieval_rows(test, method.retrieval)]
   write_results(workdir, config, rows)
   return rows
 

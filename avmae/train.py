@@ -24,9 +24,10 @@ import numpy as np
 import optax
 from ml_collections import config_flags
 
-from avmae import checkpoint, executable, masking, optim, plots, sharding
+from avmae import checkpoint, executable, masking, optim, sharding
 from avmae.data import dataset_info, pipeline
 from avmae.methods import METHODS
+from avmae.methods.method import raise_failed
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy")
 
@@ -39,45 +40,21 @@ class NonFiniteError(RuntimeError):
 
 def validate(config: ml_collections.ConfigDict, info: dict[str, Any], mesh: jax.sharding.Mesh
              ) -> None:
-  """Fails before compiling when the config does not fit the data or mesh, naming the key."""
-  m, d = config.model, config.data
-  checks = [
-      (m.audio_frames == d.audio_frames, "model.audio_frames",
-       f"{m.audio_frames} differs from data.audio_frames={d.audio_frames}"),
-      (m.image_size == d.image_size, "model.image_size",
-       f"{m.image_size} differs from data.image_size={d.image_size}"),
-      (m.mel_bins == info["features"]["mel_bins"], "model.mel_bins",
-       f"{m.mel_bins}, but the dataset {d.dir} has {info['features']['mel_bins']} mel bins"),
-      (m.audio_frames % m.patch_size == 0 and m.mel_bins % m.patch_size == 0,
-       "model.patch_size", f"{m.patch_size} does not divide the audio input "
-       f"{m.audio_frames}x{m.mel_bins}"),
-      (m.image_size % m.patch_size == 0, "model.patch_size",
-       f"{m.patch_size} does not divide model.image_size={m.image_size}"),
-      (m.embed_dim % m.num_heads == 0, "model.num_heads",
-       f"{m.num_heads} does not divide model.embed_dim={m.embed_dim}"),
-      (m.decoder_embed_dim % m.decoder_num_heads == 0, "model.decoder_num_heads",
-       f"{m.decoder_num_heads} does not divide model.decoder_embed_dim={m.decoder_embed_dim}"),
-      (d.batch_size % sharding.num_batch_shards(mesh, d.batch_axes) == 0, "data.batch_size",
-       f"{d.batch_size} is not divisible by the mesh's batch axes {tuple(d.batch_axes)} "
-       f"({sharding.num_batch_shards(mesh, d.batch_axes)} devices)"),
-      (m.num_heads % mesh.shape["tensor"] == 0 and m.decoder_num_heads % mesh.shape["tensor"] == 0,
-       "mesh.tensor", f"{mesh.shape['tensor']} does not divide the attention heads"),
-      (m.embed_dim % mesh.shape["fsdp"] == 0 and m.decoder_embed_dim % mesh.shape["fsdp"] == 0,
-       "mesh.fsdp", f"{mesh.shape['fsdp']} does not divide the embedding widths"),
-      (config.total_steps > 0, "total_steps", f"{config.total_steps} must be positive"),
-  ]
+  """Fails before compiling when the config does not fit the data or mesh, naming the key:
+  the trainer's own checks, then the method's (its model against the data and the mesh)."""
+  d = config.data
   shards = sharding.num_batch_shards(mesh, d.batch_axes)
   micro = config.optimizer.accumulation_steps
-  checks.append((micro >= 1 and d.batch_size % (shards * micro) == 0,
-                 "optimizer.accumulation_steps", f"{micro}: the batch per data shard "
-                 f"({d.batch_size} / {shards}) must split into that many microbatches"))
-  if config.loss.group_size:
-    checks.append(((d.batch_size // micro) % config.loss.group_size == 0, "loss.group_size",
-                   f"{config.loss.group_size} does not divide the microbatch "
-                   f"data.batch_size / optimizer.accumulation_steps = {d.batch_size // micro}"))
-  for ok, key, why in checks:
-    if not ok:
-      raise ValueError(f"config.{key}={why}")
+  raise_failed([
+      (d.batch_size % shards == 0, "data.batch_size",
+       f"{d.batch_size} is not divisible by the mesh's batch axes {tuple(d.batch_axes)} "
+       f"({shards} devices)"),
+      (config.total_steps > 0, "total_steps", f"{config.total_steps} must be positive"),
+      (micro >= 1 and d.batch_size % (shards * micro) == 0, "optimizer.accumulation_steps",
+       f"{micro}: the batch per data shard ({d.batch_size} / {shards}) must split into that "
+       "many microbatches"),
+  ])
+  raise_failed(METHODS[config.method](config).config_checks(info, mesh))
 
 
 # ----------------------------------------------------------------------------- run record
@@ -204,20 +181,12 @@ def init_state(method, optimizer, batch, seed: int) -> dict[str, Any]:
   return state_from_params(optimizer, method.init(jax.random.key(seed), batch)["params"])
 
 
-def zeros_batch(config: ml_collections.ConfigDict) -> dict[str, jax.Array]:
-  """A batch of the config's shapes (what init traces with; no data needed)."""
-  b, m = config.data.batch_size, config.model
-  return {"audio": jnp.zeros((b, m.audio_frames, m.mel_bins)),
-          "frames": jnp.zeros((b, m.image_size, m.image_size, 3), jnp.uint8),
-          "valid": jnp.ones((b,), bool)}
-
-
 def state_layout(config: ml_collections.ConfigDict, method, optimizer, mesh):
   """(abstract state, its shardings): logical names from init, mapped by the config's rules."""
   rules = tuple(tuple(r) for r in config.sharding_rules)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    boxed = jax.eval_shape(lambda: init_state(method, optimizer, zeros_batch(config),
-                                              config.seed))
+    boxed = jax.eval_shape(lambda: init_state(
+        method, optimizer, method.example_batch(config.data.batch_size), config.seed))
   return sharding.strip_logical_names(boxed), sharding.logical_to_shardings(boxed, mesh, rules)
 
 
@@ -245,7 +214,7 @@ def build_program(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   abstract, state_shardings = state_layout(config, method, optimizer, mesh)
   batch_sharding = sharding.batch_sharding(mesh, config.data.batch_axes)
   abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
-                    for k, v in jax.eval_shape(lambda: zeros_batch(config)).items()}
+                    for k, v in jax.eval_shape(lambda: method.example_batch(config.data.batch_size)).items()}
   step = jax.jit(make_train_step(method, optimizer, schedule, config.seed,
                                  config.optimizer.accumulation_steps,
                                  sharding.num_batch_shards(mesh, config.data.batch_axes)),
@@ -284,8 +253,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   if config.aot_executable:  # compiled ahead of time by avmae.aot; checked before it runs
     p_train_step = executable.load(config.aot_executable, program, config, mesh)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    p_init = jax.jit(lambda: nn.meta.unbox(init_state(method, optimizer, zeros_batch(config),
-                                                      config.seed)),
+    p_init = jax.jit(lambda: nn.meta.unbox(init_state(
+        method, optimizer, method.example_batch(config.data.batch_size), config.seed)),
                      out_shardings=state_shardings)
     # Every process holds the same picture batch; replicated in, replicated out.
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -354,7 +323,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                                                 jax.random.key(config.seed)))
           if jax.process_index() == 0:
             path = os.path.join(workdir, f"reconstruction_{step:07d}.png")
-            plots.plot_reconstructions(images, path, title=f"step {step}")
+            method.plot_reconstructions(images, path, f"step {step}")
             writer.image(step, "reconstruction", path)
         if (step % config.checkpoint_every_steps == 0 or step == config.total_steps
             or preempted or mngr.reached_preemption(step)):

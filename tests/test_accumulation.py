@@ -18,7 +18,7 @@ BATCH = 16
 def _setup(**overrides):
   c = cav_mae.override(cav_mae.get_config("tiny"), {"data.batch_size": BATCH, **overrides})
   method = METHODS[c.method](c)
-  batch = train.zeros_batch(c)
+  batch = method.example_batch(c.data.batch_size)
   batch["audio"] = jax.random.normal(jax.random.key(1), batch["audio"].shape)
   batch["frames"] = jax.random.randint(jax.random.key(2), batch["frames"].shape, 0, 256
                                        ).astype(jnp.uint8)

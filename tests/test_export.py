@@ -44,7 +44,7 @@ def _random_params(size: str, seed: int = 1):
   config = cav_mae.get_config(size)
   config.data.batch_size, config.dtype = 1, "float32"
   method = METHODS[config.method](config)
-  params = jax.jit(lambda: method.init(jax.random.key(0), train.zeros_batch(config))["params"])()
+  params = jax.jit(lambda: method.init(jax.random.key(0), method.example_batch(1))["params"])()
   rng = np.random.default_rng(seed)
   params = jax.tree.map(lambda x: (np.asarray(x) + 0.02 * rng.standard_normal(x.shape)
                                    ).astype(np.float32), sharding.strip_logical_names(params))
@@ -150,7 +150,7 @@ def test_official_layouts_of_every_variant_and_the_pytorch_module():
   base.data.batch_size = 1
   method = METHODS[base.method](base)
   abstract = sharding.strip_logical_names(jax.eval_shape(
-      lambda: method.init(jax.random.key(0), train.zeros_batch(base))["params"]))
+      lambda: method.init(jax.random.key(0), method.example_batch(1))["params"]))
   rng = np.random.default_rng(0)
   zeros = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract)
   values = jax.tree.map(lambda a: rng.standard_normal(a.shape, np.float32), abstract)
@@ -184,8 +184,8 @@ def test_official_layouts_of_every_variant_and_the_pytorch_module():
 def _checkpoint_params(workdir, step=4):  # the latest step of tiny_run, what export takes
   config = extract.training_config(workdir)
   mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
-  model, params = extract.load_params(config, mesh, workdir, step, 0)
-  return model, jax.tree.map(np.asarray, jax.device_get(params))
+  method, params = extract.load_params(config, mesh, workdir, step, 0)
+  return method.model, jax.tree.map(np.asarray, jax.device_get(params))
 
 
 def test_export_cli_round_trip_is_bit_exact_and_loads_strictly(tiny_run, tmp_path):

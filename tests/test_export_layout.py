@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from avmae import sharding, train
+from avmae import sharding
 from avmae.export import cav_mae_layout
 from avmae.methods import METHODS
 from configs import cav_mae
@@ -33,8 +33,7 @@ def _params(size):
   config = cav_mae.get_config(size)
   config.data.batch_size = 1
   method = METHODS[config.method](config)
-  return method.model, jax.jit(lambda: method.init(jax.random.key(0), train.zeros_batch(
-      config))["params"])
+  return method.model, jax.jit(lambda: method.init(jax.random.key(0), method.example_batch(1))["params"])
 
 
 def test_base_export_has_the_official_keys_order_and_shapes():

@@ -30,8 +30,8 @@ def test_features_are_the_same_on_1_and_8_devices(tiny_run, tmp_path):
   out = {}
   for devices in (1, 8):
     mesh = sharding.make_mesh({"data": devices, "fsdp": 1, "tensor": 1})
-    model, params = extract.load_params(config, mesh, workdir, 4, seed=0)
-    out[devices] = extract.extract(model, params, probe_data, "eval", mesh, None, "spec")
+    method, params = extract.load_params(config, mesh, workdir, 4, seed=0)
+    out[devices] = extract.extract(method, params, probe_data, "eval", mesh, None, "spec")
   assert out[1]["audio"].shape == (16, 64)
   for key in out[1]:
     np.testing.assert_allclose(out[8][key], out[1][key], rtol=1e-5, atol=1e-6, err_msg=key)
@@ -44,16 +44,16 @@ def test_cache_is_reused_and_invalidated_by_a_new_checkpoint(tiny_run, tmp_path)
   probe_data = probe._data_config(_probe_config(data, workdir), config, data)
   mesh = sharding.make_mesh({"data": 8, "fsdp": 1, "tensor": 1})
   cache = str(tmp_path / "cache")
-  model, params2 = extract.load_params(config, mesh, workdir, 2, seed=0)
-  first = extract.extract(model, params2, probe_data, "eval", mesh, cache, "spec")
+  method, params2 = extract.load_params(config, mesh, workdir, 2, seed=0)
+  first = extract.extract(method, params2, probe_data, "eval", mesh, cache, "spec")
   (path,) = os.listdir(cache)
   np.savez(os.path.join(cache, path), **{**first, "audio": first["audio"] * 0 + 7})
-  reused = extract.extract(model, params2, probe_data, "eval", mesh, cache, "spec")
+  reused = extract.extract(method, params2, probe_data, "eval", mesh, cache, "spec")
   assert np.all(reused["audio"] == 7), "the cached file should have been read"
   _, params4 = extract.load_params(config, mesh, workdir, 4, seed=0)
-  fresh = extract.extract(model, params4, probe_data, "eval", mesh, cache, "spec")
+  fresh = extract.extract(method, params4, probe_data, "eval", mesh, cache, "spec")
   assert len(os.listdir(cache)) == 2 and not np.all(fresh["audio"] == 7)
-  extract.extract(model, params4, probe_data, "eval", mesh, cache, "other spec")
+  extract.extract(method, params4, probe_data, "eval", mesh, cache, "other spec")
   assert len(os.listdir(cache)) == 3
 
 
@@ -129,13 +129,13 @@ def test_weighted_layers_and_all_frames(tiny_run, tmp_path):
   # With all frames, a clip's features are the mean of its per-frame features.
   train_config = extract.training_config(workdir)
   mesh = sharding.make_mesh({"data": 8, "fsdp": 1, "tensor": 1})
-  model, params = extract.load_params(train_config, mesh, workdir, 4, seed=0)
+  method, params = extract.load_params(train_config, mesh, workdir, 4, seed=0)
   data_cfg = probe._data_config(config, train_config, data)
-  feats = extract.extract(model, params, data_cfg, "eval", mesh, None, "all")
+  feats = extract.extract(method, params, data_cfg, "eval", mesh, None, "all")
   assert feats["video_layers"].shape == (16, 4, 64)  # embeddings, 2 blocks, final
   batch = pipeline.first_examples(data_cfg, "eval", 16)  # frames [16, 4, 32, 32, 3]
   params = jax.device_get(params)
-  per_frame = [model.apply({"params": params}, batch["audio"],
+  per_frame = [method.model.apply({"params": params}, batch["audio"],
                            augment.normalize_image(batch["frames"][:, n]), method="features")
                for n in range(batch["frames"].shape[1])]
   order = np.argsort(feats["record_index"])

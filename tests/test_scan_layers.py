@@ -255,8 +255,8 @@ def test_import_export_and_probe_features_of_a_scanned_workdir(tiny_run, tmp_pat
   data, run = tiny_run
   config = extract.training_config(run)
   mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
-  model, params = extract.load_params(config, mesh, run, 4, 0)
-  params = jax.tree.map(np.asarray, jax.device_get(params))
+  method, params = extract.load_params(config, mesh, run, 4, 0)
+  model, params = method.model, jax.tree.map(np.asarray, jax.device_get(params))
   official = cav_mae_layout.to_official(params, model)
   files.save(str(tmp_path / "official.pth"), official, {})
   scanned_config = tiny(data, **{"model.scan_layers": True})
@@ -265,7 +265,8 @@ def test_import_export_and_probe_features_of_a_scanned_workdir(tiny_run, tmp_pat
   assert checkpoint.saved_scan_layers(os.path.join(workdir, "checkpoints", "0"))
   # The workdir's own config loads it scanned; an unrolled config converts it back.
   train_config = extract.training_config(workdir)
-  scanned_model, stacked = extract.load_params(train_config, mesh, workdir, 0, 0)
+  scanned, stacked = extract.load_params(train_config, mesh, workdir, 0, 0)
+  scanned_model = scanned.model
   assert scanned_model.scan_layers and stacked["blocks_a"]["attn"]["qkv_kernel"].shape[0] == 2
   _equal(stacked, checkpoint.convert_layers(params, STACKS, True))
   _, back = extract.load_params(config, mesh, workdir, 0, 0)
@@ -281,8 +282,7 @@ def test_import_export_and_probe_features_of_a_scanned_workdir(tiny_run, tmp_pat
   probe_data = probe._data_config(probe_config.get_config(str(tmp_path)), config, data)
   probe_data.batch_size = 16
   features = {name: extract.extract(m, p, probe_data, "eval", mesh, None, "spec")
-              for name, m, p in (("unrolled", model, params), ("scanned", scanned_model,
-                                                               stacked))}
+              for name, m, p in (("unrolled", method, params), ("scanned", scanned, stacked))}
   assert set(features["scanned"]) == set(features["unrolled"])
   for key, want in features["unrolled"].items():
     np.testing.assert_allclose(features["scanned"][key], want, rtol=1e-5, atol=1e-6,

@@ -50,7 +50,7 @@ def _abstract_state(config, mesh):
   opt = optim.make_optimizer(config.optimizer, optim.learning_rate_schedule(
       config.optimizer, config.total_steps, 10))
   with jax.set_mesh(mesh), nn.logical_axis_rules(config.sharding_rules):
-    return jax.eval_shape(lambda: train.init_state(method, opt, train.zeros_batch(config), 0))
+    return jax.eval_shape(lambda: train.init_state(method, opt, method.example_batch(config.data.batch_size), 0))
 
 
 @pytest.mark.parametrize("scan_layers", [True, False])
@@ -222,7 +222,7 @@ def test_remat_keeps_parameters_loss_and_gradients():
     c = cav_mae.get_config("tiny")
     c.data.batch_size, c.model.remat = 4, remat
     method = METHODS[c.method](c)
-    batch = train.zeros_batch(c)
+    batch = method.example_batch(c.data.batch_size)
     batch["audio"] = jax.random.normal(jax.random.key(1), batch["audio"].shape)
     batch["frames"] = jax.random.randint(jax.random.key(2), batch["frames"].shape, 0, 256
                                          ).astype(batch["frames"].dtype)

@@ -57,7 +57,8 @@ def export(workdir: str, out: str, fmt: str = "cav_mae", step: int | None = None
   config = extract.training_config(workdir)
   step = extract.saved_steps(workdir)[-1] if step is None else step
   mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
-  model, params = extract.load_params(config, mesh, workdir, step, seed)
+  method, params = extract.load_params(config, mesh, workdir, step, seed)
+  model = method.model
   fingerprint = extract.fingerprint(params)
   params = jax.tree.map(np.asarray, jax.device_get(params))
   meta = {"format": fmt, "source": {"workdir": os.path.abspath(workdir), "step": step,

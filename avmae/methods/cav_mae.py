@@ -2,29 +2,49 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from avmae import flops, losses, masking
+from avmae import flops, losses, masking, plots
 from avmae.data.augment import normalize_image
+from avmae.methods.method import Batch, Check, Method
 from avmae.models.cav_mae import CAVMAE
 
-Batch = dict[str, jax.Array]
 
-
-class Method(NamedTuple):
-  model: CAVMAE
-  init: Callable[[jax.Array, Batch], Any]  # (key, batch) -> boxed variables
-  # (params, batch, example keys [B]) -> (loss, metrics)
-  loss_fn: Callable[[Any, Batch, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
-  reconstruct: Callable[[Any, Batch, jax.Array], dict[str, jax.Array]]
-  train_step_flops: float
-  # example keys [B] -> the (audio, video) masks loss_fn draws with them (for peers, e.g. torch)
-  masks: Callable[[jax.Array], tuple[masking.Mask, masking.Mask]]
-
+def config_checks(config: ml_collections.ConfigDict, info: dict[str, Any],
+                  mesh: jax.sharding.Mesh) -> list[Check]:
+  """The model's geometry against the data, its widths against the mesh axes."""
+  m, d = config.model, config.data
+  checks = [
+      (m.audio_frames == d.audio_frames, "model.audio_frames",
+       f"{m.audio_frames} differs from data.audio_frames={d.audio_frames}"),
+      (m.image_size == d.image_size, "model.image_size",
+       f"{m.image_size} differs from data.image_size={d.image_size}"),
+      (m.mel_bins == info["features"]["mel_bins"], "model.mel_bins",
+       f"{m.mel_bins}, but the dataset {d.dir} has {info['features']['mel_bins']} mel bins"),
+      (m.audio_frames % m.patch_size == 0 and m.mel_bins % m.patch_size == 0,
+       "model.patch_size", f"{m.patch_size} does not divide the audio input "
+       f"{m.audio_frames}x{m.mel_bins}"),
+      (m.image_size % m.patch_size == 0, "model.patch_size",
+       f"{m.patch_size} does not divide model.image_size={m.image_size}"),
+      (m.embed_dim % m.num_heads == 0, "model.num_heads",
+       f"{m.num_heads} does not divide model.embed_dim={m.embed_dim}"),
+      (m.decoder_embed_dim % m.decoder_num_heads == 0, "model.decoder_num_heads",
+       f"{m.decoder_num_heads} does not divide model.decoder_embed_dim={m.decoder_embed_dim}"),
+      (m.num_heads % mesh.shape["tensor"] == 0 and m.decoder_num_heads % mesh.shape["tensor"] == 0,
+       "mesh.tensor", f"{mesh.shape['tensor']} does not divide the attention heads"),
+      (m.embed_dim % mesh.shape["fsdp"] == 0 and m.decoder_embed_dim % mesh.shape["fsdp"] == 0,
+       "mesh.fsdp", f"{mesh.shape['fsdp']} does not divide the embedding widths"),
+  ]
+  if config.loss.group_size:
+    micro = d.batch_size // config.optimizer.accumulation_steps
+    checks.append((micro % config.loss.group_size == 0, "loss.group_size",
+                   f"{config.loss.group_size} does not divide the microbatch "
+                   f"data.batch_size / optimizer.accumulation_steps = {micro}"))
+  return checks
 
 def build(config: ml_collections.ConfigDict) -> Method:
   model = CAVMAE(**config.model, dtype=jnp.dtype(config.dtype))
@@ -44,6 +64,23 @@ def build(config: ml_collections.ConfigDict) -> Method:
   def init(key: jax.Array, batch: Batch) -> Any:
     return model.init(key, batch["audio"], normalize_image(batch["frames"]),
                       *batch_masks(batch, key))
+
+  def example_batch(batch_size: int) -> Batch:
+    """Zeros of the step's input shapes (what init traces with; no data needed)."""
+    return {"audio": jnp.zeros((batch_size, model.audio_frames, model.mel_bins)),
+            "frames": jnp.zeros((batch_size, model.image_size, model.image_size, 3), jnp.uint8),
+            "valid": jnp.ones((batch_size,), bool)}
+
+  def features(params: Any, batch: Batch) -> dict[str, jax.Array]:
+    """Probe features (`CAVMAE.features`); clips of N frames ([B, N, H, W, 3], data.all_frames)
+    get the mean of the features of each frame with the clip's audio."""
+    frames, audio = normalize_image(batch["frames"]), batch["audio"]
+    if frames.ndim == 4:
+      return model.apply({"params": params}, audio, frames, method="features")
+    b, n = frames.shape[:2]
+    out = model.apply({"params": params}, jnp.repeat(audio, n, axis=0),
+                      frames.reshape((b * n,) + frames.shape[2:]), method="features")
+    return {k: v.reshape((b, n) + v.shape[1:]).mean(1) for k, v in out.items()}
 
   def loss_fn(params: Any, batch: Batch, keys: jax.Array):
     """(params, batch, one key per example) -> (loss, metrics); every term in float32."""
@@ -94,4 +131,10 @@ def build(config: ml_collections.ConfigDict) -> Method:
       images[f"{name}_mask"] = unpatchify(jnp.broadcast_to(removed, target.shape))
     return images
 
-  return Method(model, init, loss_fn, reconstruct, flops.cav_mae_train_step_flops(config), masks)
+  return Method(model=model, init=init, loss_fn=loss_fn, reconstruct=reconstruct,
+                plot_reconstructions=plots.plot_reconstructions,
+                train_step_flops=flops.cav_mae_train_step_flops(config), masks=masks,
+                example_batch=example_batch,
+                config_checks=lambda info, mesh: config_checks(config, info, mesh),
+                features=features,
+                retrieval={"a2v": ("audio", "video"), "v2a": ("video", "audio")})

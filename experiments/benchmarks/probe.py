@@ -17,9 +17,7 @@ import jax
 import numpy as np
 
 from avmae import probe_heads, sharding
-from avmae.data import augment
 from avmae.methods import METHODS
-from avmae.train import zeros_batch
 from configs import cav_mae
 
 _SIZE = flags.DEFINE_string("size", "tiny", "Model size of configs/cav_mae.py.")
@@ -46,10 +44,9 @@ def main(argv: list[str]) -> None:
   config.data.batch_size = _BATCH.value
   mesh = sharding.make_mesh({"data": -1})
   method = METHODS[config.method](config)
-  batch = zeros_batch(config)
+  batch = method.example_batch(config.data.batch_size)
   params = jax.jit(lambda: method.init(jax.random.key(0), batch)["params"])()
-  features = jax.jit(lambda p, b: method.model.apply(
-      {"params": p}, b["audio"], augment.normalize_image(b["frames"]), method="features"))
+  features = jax.jit(method.features)
   batch = {**batch, "audio": jax.random.normal(jax.random.key(1), batch["audio"].shape)}
   compile_s = timed(lambda: features(params, batch))
   per_batch = timed(lambda: [features(params, batch) for _ in range(_BATCHES.value)], 3)

@@ -75,10 +75,10 @@ def compile_step(size: str, batch_size: int, remat: str):
   key = jax.random.key(1)
   batch = {k: jax.device_put(jax.random.normal(key, v.shape).astype(v.dtype)
                              if v.dtype != jnp.bool_ else v, batch_sharding)
-           for k, v in train.zeros_batch(config).items()}
+           for k, v in method.example_batch(config.data.batch_size).items()}
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    state = jax.jit(lambda: nn.meta.unbox(train.init_state(method, optimizer,
-                                                           train.zeros_batch(config), 0)),
+    state = jax.jit(lambda: nn.meta.unbox(train.init_state(
+        method, optimizer, method.example_batch(config.data.batch_size), 0)),
                     out_shardings=state_shardings)()
     step = jax.jit(train.make_train_step(method, optimizer, schedule, config.seed),
                    in_shardings=(state_shardings, batch_sharding),
@@ -93,7 +93,7 @@ def saved_for_backward_bytes(config) -> int:
   """Bytes the forward pass keeps for the backward pass (the residuals of jax.vjp of the loss:
   activations plus the parameters the backward reads), from shapes only."""
   method = METHODS[config.method](config)
-  batch = train.zeros_batch(config)
+  batch = method.example_batch(config.data.batch_size)
   params = jax.eval_shape(lambda: nn.meta.unbox(method.init(jax.random.key(0), batch))["params"])
   residuals = jax.eval_shape(lambda p: jax.vjp(
       lambda q: method.loss_fn(q, batch, masking.example_keys(jax.random.key(1), config.data.batch_size))[0], p)[1], params)

@@ -85,7 +85,7 @@ class JaxStep:
     method, optimizer = self.program.method, self.program.optimizer
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
       self.state = jax.jit(lambda: nn.meta.unbox(train.init_state(
-          method, optimizer, train.zeros_batch(config), config.seed)),
+          method, optimizer, method.example_batch(config.data.batch_size), config.seed)),
           out_shardings=self.program.state_shardings)()
     self.batch = {k: jax.device_put(v, self.program.abstract_batch[k].sharding)
                   for k, v in batch.items()}
