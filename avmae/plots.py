@@ -47,32 +47,32 @@ def _frame_for_display(frame: np.ndarray) -> np.ndarray:
   return np.clip(frame * IMAGE_STD + IMAGE_MEAN, 0, 1)
 
 
-def plot_reconstructions(images: dict[str, np.ndarray], path: str, title: str = "",
-                         max_rows: int = 4) -> None:
-  """Rows of examples: spectrogram and frame, each as input, masked input, reconstruction.
+# (column title, "spectrogram" [B, T, F] or "image" [B, H, W, 3] normalised, the arrays,
+# a mask of the same shape shown shaded where > 0, or None)
+Panel = tuple[str, str, Any, Any]
 
-  `images` comes from a method's `reconstruct` (audio [B, T, F], frames [B, H, W, 3] in
-  normalised units, their `_masked`, `_reconstruction` and `_mask` versions).
-  """
-  rows = min(max_rows, len(images["audio"]))
-  columns = [("audio", "input"), ("audio_masked", "masked"),
-             ("audio_reconstruction", "reconstruction"), ("frames", "frame"),
-             ("frames_masked", "masked"), ("frames_reconstruction", "reconstruction")]
-  fig, axes = plt.subplots(rows, 6, squeeze=False, figsize=(13, 1.9 * rows),
-                           gridspec_kw={"width_ratios": [2.2, 2.2, 2.2, 1, 1, 1]})
-  lo, hi = np.percentile(images["audio"][:rows], [1, 99])
+
+def plot_reconstructions(panels: Sequence[Panel], path: str, title: str = "",
+                         max_rows: int = 4) -> None:
+  """Rows of examples, one column a panel (a method's inputs, masked inputs and
+  reconstructions). Spectrograms share the colour limits of the first one."""
+  rows = min(max_rows, len(panels[0][2]))
+  spectrograms = [p[2] for p in panels if p[1] == "spectrogram"]
+  lo, hi = np.percentile(spectrograms[0][:rows], [1, 99]) if spectrograms else (0, 1)
+  widths = [2.2 if kind == "spectrogram" else 1 for _, kind, _, _ in panels]
+  fig, axes = plt.subplots(rows, len(panels), squeeze=False,
+                           figsize=(1.3 * sum(widths) + 0.6, 1.9 * rows),
+                           gridspec_kw={"width_ratios": widths})
   for r in range(rows):
-    for c, (key, label) in enumerate(columns):
+    for c, (label, kind, x, mask) in enumerate(panels):
       ax = axes[r][c]
-      x = np.asarray(images[key][r], np.float32)
-      if key.startswith("audio"):
-        x = np.where(images["audio_mask"][r] > 0, np.nan, x) if key == "audio_masked" else x
+      x = np.asarray(x[r], np.float32)
+      if kind == "spectrogram":
+        x = x if mask is None else np.where(mask[r] > 0, np.nan, x)
         ax.imshow(x.T, origin="lower", aspect="auto", cmap="magma", vmin=lo, vmax=hi)
       else:
         x = _frame_for_display(x)
-        if key == "frames_masked":
-          x = np.where(images["frames_mask"][r] > 0, 0.5, x)
-        ax.imshow(x)
+        ax.imshow(x if mask is None else np.where(mask[r] > 0, 0.5, x))
       ax.set_xticks([])
       ax.set_yticks([])
       if r == 0:

@@ -14,6 +14,16 @@ from avmae.methods.method import Batch, Check, Method
 from avmae.models.cav_mae import CAVMAE
 
 
+def plot_reconstructions(images: dict[str, Any], path: str, title: str) -> None:
+  """Spectrogram and frame, each as input, masked input and reconstruction."""
+  panels = []
+  for name, kind, heading in (("audio", "spectrogram", "input"), ("frames", "image", "frame")):
+    panels += [(heading, kind, images[name], None),
+               ("masked", kind, images[f"{name}_masked"], images[f"{name}_mask"]),
+               ("reconstruction", kind, images[f"{name}_reconstruction"], None)]
+  plots.plot_reconstructions(panels, path, title)
+
+
 def config_checks(config: ml_collections.ConfigDict, info: dict[str, Any],
                   mesh: jax.sharding.Mesh) -> list[Check]:
   """The model's geometry against the data, its widths against the mesh axes."""
@@ -132,7 +142,7 @@ def build(config: ml_collections.ConfigDict) -> Method:
     return images
 
   return Method(model=model, init=init, loss_fn=loss_fn, reconstruct=reconstruct,
-                plot_reconstructions=plots.plot_reconstructions,
+                plot_reconstructions=plot_reconstructions,
                 train_step_flops=flops.cav_mae_train_step_flops(config), masks=masks,
                 example_batch=example_batch,
                 config_checks=lambda info, mesh: config_checks(config, info, mesh),
