@@ -25,18 +25,20 @@ def cav_mae_forward_flops(model: ml_collections.ConfigDict,
   """FLOPs of one example's forward pass of the CAV-MAE pretraining model."""
   p, d, dd = model.patch_size, model.embed_dim, model.decoder_embed_dim
   tokens_a = (model.mel_bins // p) * (model.audio_frames // p)
-  tokens_v = (model.image_size // p) ** 2
+  slots, per_slot = model.num_frames // model.tubelet_size, (model.image_size // p) ** 2
+  tokens_v, values_v = slots * per_slot, model.tubelet_size * p * p * 3
   keep_a = masking.num_visible(tokens_a, mask.ratio_a)
-  keep_v = masking.num_visible(tokens_v, mask.ratio_v)
+  keep_v = (masking.num_visible_tube((slots, per_slot), mask.ratio_v) if mask.mode_v == "tube"
+            else masking.num_visible(tokens_v, mask.ratio_v))
   blocks = lambda n, width: block_flops(n, width, model.mlp_ratio)
-  patch_embed = 2 * (keep_a * p * p + keep_v * p * p * 3) * d
+  patch_embed = 2 * (keep_a * p * p + keep_v * values_v) * d
   encoder = model.modality_specific_depth * (blocks(keep_a, d) + blocks(keep_v, d))
   # The shared blocks run three times: on both modalities, then on each alone.
   shared = model.shared_depth * (blocks(keep_a + keep_v, d) + blocks(keep_a, d)
                                  + blocks(keep_v, d))
   decoder_embed = 2 * (keep_a + keep_v) * d * dd
   decoder = model.decoder_depth * blocks(tokens_a + tokens_v, dd)
-  heads = 2 * (tokens_a * p * p + tokens_v * p * p * 3) * dd
+  heads = 2 * (tokens_a * p * p + tokens_v * values_v) * dd
   return float(patch_embed + encoder + shared + decoder_embed + decoder + heads)
 
 

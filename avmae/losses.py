@@ -58,6 +58,48 @@ def unpatchify_image(patches: jax.Array, patch: int,
   return _unpatchify(patches, patch, grid)
 
 
+def patchify_clip(clips: jax.Array, tubelet: int, patch: int) -> jax.Array:
+  """[B, T, H, W, C] -> [B, (T/t)*(H/p)*(W/p), t*p*p*C]: tubelet tokens in time-major order
+  (token = (i*H/p + h)*W/p + w), values (time, row, col, channel) as VideoMAE's
+  'b c (t p0) (h p1) (w p2) -> b (t h w) (p0 p1 p2 c)'. With T = t = 1 it is
+  `patchify_image` of the one frame."""
+  b, tt, hh, ww, c = clips.shape
+  t, h, w = tt // tubelet, hh // patch, ww // patch
+  x = clips.reshape(b, t, tubelet, h, patch, w, patch, c).transpose(0, 1, 3, 5, 2, 4, 6, 7)
+  return x.reshape(b, t * h * w, tubelet * patch * patch * c)
+
+
+def unpatchify_clip(patches: jax.Array, tubelet: int, patch: int,
+                    grid: tuple[int, int, int]) -> jax.Array:
+  """Inverse of `patchify_clip`; `grid` = (T/t, H/p, W/p)."""
+  b = patches.shape[0]
+  t, h, w = grid
+  c = patches.shape[-1] // (tubelet * patch * patch)
+  x = patches.reshape(b, t, h, w, tubelet, patch, patch, c).transpose(0, 1, 4, 2, 5, 3, 6, 7)
+  return x.reshape(b, t * tubelet, h * patch, w * patch, c)
+
+
+def _tubelet_stats(patches: jax.Array, channels: int) -> tuple[jax.Array, jax.Array]:
+  """Per-tubelet, per-channel mean and unbiased std of [B, L, P*C], each [B, L, 1, C]."""
+  x = patches.astype(jnp.float32).reshape(patches.shape[:-1] + (-1, channels))
+  return x.mean(axis=-2, keepdims=True), jnp.sqrt(x.var(axis=-2, keepdims=True, ddof=1))
+
+
+def tubelet_target(patches: jax.Array, channels: int = 3) -> jax.Array:
+  """VideoMAE's normalised target: each tubelet's pixels [B, L, P*C], per channel, minus
+  their mean over the tubelet, over their unbiased std + 1e-6 (epsilon outside the root)."""
+  mean, std = _tubelet_stats(patches, channels)
+  x = patches.astype(jnp.float32).reshape(mean.shape[:-2] + (-1, channels))
+  return ((x - mean) / (std + 1e-6)).reshape(patches.shape)
+
+
+def from_tubelet_target(pred: jax.Array, patches: jax.Array, channels: int = 3) -> jax.Array:
+  """Predictions of `tubelet_target` back in the units of `patches`, with their statistics."""
+  mean, std = _tubelet_stats(patches, channels)
+  x = pred.astype(jnp.float32).reshape(mean.shape[:-2] + (-1, channels))
+  return (x * (std + 1e-6) + mean).reshape(pred.shape)
+
+
 def reconstruction_loss(pred: jax.Array, target: jax.Array, mask: jax.Array,
                         norm_pix: bool = True, valid: jax.Array | None = None) -> jax.Array:
   """Mean over masked patches (of valid examples) of the per-patch mean squared error.

@@ -92,6 +92,28 @@ def structured_mask(keys: jax.Array, grid: tuple[int, int], mask_ratio: float, m
   return _mask_from_noise(noise, num_visible(f * t, mask_ratio))
 
 
+def tube_mask(keys: jax.Array, grid: tuple[int, int], mask_ratio: float) -> Mask:
+  """VideoMAE's tube masking of time-major video tokens, `grid` = (time slots, tokens per
+  slot): one spatial mask of int(ratio * S) tokens, the same in every time slot."""
+  slots, per_slot = grid
+  # The same noise in every slot: the sort keeps whole tubes (stable on ties).
+  noise = jnp.tile(_uniform(keys, per_slot), (1, slots))
+  return _mask_from_noise(noise, num_visible_tube(grid, mask_ratio))
+
+
+def num_visible_tube(grid: tuple[int, int], mask_ratio: float) -> int:
+  """Tokens a tube mask keeps: VideoMAE's rounding, the masked count per slot floors."""
+  slots, per_slot = grid
+  return slots * (per_slot - int(mask_ratio * per_slot))
+
+
+def _tube(keys, num_tokens, mask_ratio, grid):
+  if grid is None or grid[0] * grid[1] != num_tokens:
+    raise ValueError(f"mask mode 'tube' needs grid=(time slots, tokens per slot) with a "
+                     f"product of {num_tokens}, got {grid}")
+  return tube_mask(keys, tuple(grid), mask_ratio)
+
+
 def _unstructured(keys, num_tokens, mask_ratio, grid):
   del grid  # token layout does not matter
   return random_mask(keys, num_tokens, mask_ratio)
@@ -106,13 +128,15 @@ def _structured(keys, num_tokens, mask_ratio, grid, *, mode):
 
 MASK_MODES: dict[str, Callable[..., Mask]] = {
     "unstructured": _unstructured,
+    "tube": _tube,
     **{m: functools.partial(_structured, mode=m) for m in _STRUCTURED_COUNTS},
 }
 
 
 def make_mask(keys: jax.Array, num_tokens: int, mask_ratio: float,
               mode: str = "unstructured", grid: tuple[int, int] | None = None) -> Mask:
-  """Mask of the given mode ("unstructured", "time", "freq" or "tf"; the latter need grid)."""
+  """Mask of the given mode: "unstructured"; audio "time", "freq" or "tf" (grid (f, t));
+  video "tube" (grid (time slots, tokens per slot))."""
   if mode not in MASK_MODES:
     raise ValueError(f"unknown mask mode {mode!r}; valid: {sorted(MASK_MODES)}")
   return MASK_MODES[mode](keys, num_tokens, mask_ratio, grid)

@@ -124,13 +124,21 @@ def _base_config(size: str) -> ml_collections.ConfigDict:
       # GiB per chip at batch 48 on a v5e-16), though it compiles 2-7x slower. On a CPU the
       # scanned base step is 30 % faster (docs/speed.md).
       scan_layers=False,
+      # Frames per clip and frames per tubelet (1, 1: one frame, the official CAV-MAE).
+      num_frames=1, tubelet_size=1,
       **MODEL_SIZES[size]))
 
-  c.masking = ml_collections.ConfigDict(dict(ratio_a=0.75, ratio_v=0.75, mode_a="unstructured"))
+  # mode_v: "unstructured" (random over all video tokens, official) or "tube" (VideoMAE: one
+  # spatial mask repeated over the clip's time slots).
+  c.masking = ml_collections.ConfigDict(dict(ratio_a=0.75, ratio_v=0.75, mode_a="unstructured",
+                                             mode_v="unstructured"))
   c.loss = ml_collections.ConfigDict(dict(
       mae_weight=1.0, contrastive_weight=0.01 if official else 0.1, temperature=0.05,
       bidirectional=False,
       norm_pix=True,
+      # "patch": the video target as the audio one (norm_pix over each patch, official);
+      # "tubelet": VideoMAE's, each tubelet normalised per channel.
+      video_target="patch",
       group_size=0))  # 0: negatives from the whole global batch; official 4-GPU run: 12
 
   c.optimizer = ml_collections.ConfigDict(dict(

@@ -12,6 +12,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.audio_frames = 128  # log-mel frames after crop/pad (CAV-MAE base: 1024)
   c.image_size = 32  # frames are resized to image_size x image_size (CAV-MAE base: 224)
   c.all_frames = False  # True: every frame of the clip, [N, H, W, 3] per example
+  # A clip of num_frames frames, every frame_stride-th of the record's, [T, H, W, 3] per
+  # example (1: one frame [H, W, 3], as CAV-MAE): a random start in training, centred in
+  # evaluation.
+  c.num_frames = 1
+  c.frame_stride = 1
   c.num_workers = 0  # grain worker processes; 0 reads in the main process
   c.read_threads = 2  # reader threads when num_workers is 0 (each worker uses one)
   c.prefetch_batches = 4  # batches prepared ahead, per process (or per worker)

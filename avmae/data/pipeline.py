@@ -1,7 +1,7 @@
 """The input pipeline: indexed TFRecords -> grain -> global, sharded `jax.Array` batches.
 
     indexed records (random access) -> permutation per epoch by seed -> this process's part
-    of each global batch -> prepare (parse, pick frame, crop/pad, normalise, augment) and
+    of each global batch -> prepare (parse, pick frames, crop/pad, normalise, augment) and
     stack, one batch per grain worker task
     -> jax.make_array_from_process_local_data over the mesh's batch axes
 
@@ -11,7 +11,8 @@ exactly once. No TensorFlow or torch here.
 
 Batches are dicts:
   audio          float32 [B, audio_frames, mel_bins]   normalised log-mel
-  frames         uint8   [B, H, W, 3] (or [B, N, H, W, 3] with all_frames) RGB; normalised
+  frames         uint8   [B, H, W, 3] (or a clip [B, T, H, W, 3] with num_frames T > 1, or
+                 [B, N, H, W, 3] with all_frames) RGB; normalised
                  on the device (augment.normalize_image), a quarter of float32's bytes
   labels         float32 [B, num_classes]              multi-hot
   record_index   int32   [B]                           global record number in the split
@@ -51,6 +52,8 @@ class ExampleSpec:
   num_classes: int
   train: bool
   all_frames: bool
+  num_frames: int  # frames of a clip (1: one frame, [H, W, 3])
+  frame_stride: int
   time_roll: bool
   noise: float
   freq_mask: int
@@ -61,16 +64,27 @@ class ExampleSpec:
   skip_corrupt: bool
 
 
-def _choose_frames(spec: ExampleSpec, rng: np.random.Generator, where: str):
-  def choose(num_frames: int) -> np.ndarray:
-    needed = spec.frames_per_clip if spec.all_frames else 1
+def clip_frames(num_frames: int, spec: ExampleSpec, rng: np.random.Generator, where: str
+                ) -> np.ndarray:
+  """Indices of the frames of an example among a record's `num_frames`: every frame
+  (all_frames); or a clip of spec.num_frames, spec.frame_stride apart, starting at random in
+  training and centred in evaluation. One frame: official CAV-MAE's random frame in training,
+  the middle one (N // 2) in evaluation."""
+  if spec.all_frames:
+    needed = spec.frames_per_clip
     if num_frames < needed:
       raise errors.SchemaError(f"{where}: record has {num_frames} frames, {needed} needed")
-    if spec.all_frames:
-      return np.arange(spec.frames_per_clip)
-    # Official CAV-MAE: a random frame in training, the middle one in evaluation.
-    return np.array([rng.integers(num_frames) if spec.train else num_frames // 2])
-  return choose
+    return np.arange(needed)
+  span = (spec.num_frames - 1) * spec.frame_stride + 1
+  if span > num_frames:
+    raise errors.SchemaError(
+        f"{where}: record has {num_frames} frames; data.num_frames={spec.num_frames} at "
+        f"data.frame_stride={spec.frame_stride} spans {span}")
+  if spec.train:
+    start = rng.integers(num_frames - span + 1)
+  else:
+    start = min(max(num_frames // 2 - span // 2, 0), num_frames - span)
+  return start + spec.frame_stride * np.arange(spec.num_frames)
 
 
 def _prepare_frame(frame: np.ndarray, spec: ExampleSpec, rng: np.random.Generator):
@@ -85,7 +99,9 @@ def _prepare_frame(frame: np.ndarray, spec: ExampleSpec, rng: np.random.Generato
 
 def empty_example(spec: ExampleSpec, record_index: int, num_skipped: int) -> dict[str, Any]:
   """An all-zero, invalid example: a skipped record or padding of the last batch."""
-  frames_shape = ((spec.frames_per_clip,) if spec.all_frames else ()) + spec.image_size + (3,)
+  clip = ((spec.frames_per_clip,) if spec.all_frames else
+          (spec.num_frames,) if spec.num_frames > 1 else ())
+  frames_shape = clip + spec.image_size + (3,)
   return {
       "audio": np.zeros((spec.audio_frames, spec.mel_bins), np.float32),
       "frames": np.zeros(frames_shape, np.uint8),
@@ -103,7 +119,7 @@ def prepare_example(record: RawRecord, rng: np.random.Generator, spec: ExampleSp
   if data is None:  # failed its CRC check and skipped by the source
     return empty_example(spec, index, num_skipped=1)
   try:
-    ex = schema.decode_example(data, where, _choose_frames(spec, rng, where))
+    ex = schema.decode_example(data, where, lambda n: clip_frames(n, spec, rng, where))
   except errors.CorruptRecordError as e:
     if not spec.skip_corrupt:
       raise
@@ -122,7 +138,12 @@ def prepare_example(record: RawRecord, rng: np.random.Generator, spec: ExampleSp
     if spec.noise > 0:
       audio = augment.add_noise(audio, rng, spec.noise)
     audio = augment.spec_augment(audio, rng, spec.freq_mask, spec.time_mask)
-  frames = np.stack([_prepare_frame(f, spec, rng) for f in ex["frames"]])
+  if spec.train and len(ex["frames"]) > 1:  # one crop and flip for the whole clip
+    seed = rng.integers(2**63)
+    frames = np.stack([_prepare_frame(f, spec, np.random.default_rng(seed))
+                       for f in ex["frames"]])
+  else:
+    frames = np.stack([_prepare_frame(f, spec, rng) for f in ex["frames"]])
   labels = np.zeros((spec.num_classes,), np.float32)
   if np.any((ex["labels"] < 0) | (ex["labels"] >= spec.num_classes)):
     raise errors.SchemaError(f"{where}: labels {ex['labels'].tolist()} outside "
@@ -130,7 +151,7 @@ def prepare_example(record: RawRecord, rng: np.random.Generator, spec: ExampleSp
   labels[ex["labels"]] = 1.0
   return {
       "audio": audio,
-      "frames": frames if spec.all_frames else frames[0],
+      "frames": frames if spec.all_frames or spec.num_frames > 1 else frames[0],
       "labels": labels,
       "record_index": np.int32(index),
       "valid": np.bool_(True),
@@ -141,12 +162,19 @@ def prepare_example(record: RawRecord, rng: np.random.Generator, spec: ExampleSp
 def example_spec(cfg: ml_collections.ConfigDict, info: dict[str, Any], train: bool
                  ) -> ExampleSpec:
   feats, aug = info["features"], cfg.augment
+  if cfg.all_frames and cfg.num_frames > 1:
+    raise ValueError(f"config.data.all_frames=True takes every frame; it excludes "
+                     f"data.num_frames={cfg.num_frames}")
+  if cfg.num_frames < 1 or cfg.frame_stride < 1:
+    raise ValueError(f"config.data.num_frames={cfg.num_frames} and data.frame_stride="
+                     f"{cfg.frame_stride} must be at least 1")
   return ExampleSpec(
       audio_frames=cfg.audio_frames, mel_bins=feats["mel_bins"],
       frame_size=tuple(feats["frame_size"]),
       image_size=(cfg.image_size,) * 2, frames_per_clip=feats["frames_per_clip"],
       log_mel_mean=info["log_mel_stats"]["mean"], log_mel_std=info["log_mel_stats"]["std"],
       num_classes=len(info["label_names"]), train=train, all_frames=cfg.all_frames,
+      num_frames=cfg.num_frames, frame_stride=cfg.frame_stride,
       time_roll=aug.time_roll, noise=aug.noise, freq_mask=aug.freq_mask,
       time_mask=aug.time_mask, random_resized_crop=aug.random_resized_crop,
       crop_scale=tuple(aug.crop_scale), flip=aug.flip, skip_corrupt=cfg.skip_corrupt)

@@ -7,6 +7,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from avmae import flops, losses, masking, plots
 from avmae.data.augment import normalize_image
@@ -14,13 +15,26 @@ from avmae.methods.method import Batch, Check, Method
 from avmae.models.cav_mae import CAVMAE
 
 
-def plot_reconstructions(images: dict[str, Any], path: str, title: str) -> None:
-  """Spectrogram and frame, each as input, masked input and reconstruction."""
-  panels = []
-  for name, kind, heading in (("audio", "spectrogram", "input"), ("frames", "image", "frame")):
-    panels += [(heading, kind, images[name], None),
-               ("masked", kind, images[f"{name}_masked"], images[f"{name}_mask"]),
-               ("reconstruction", kind, images[f"{name}_reconstruction"], None)]
+def plot_reconstructions(images: dict[str, Any], path: str, title: str, max_times: int = 3
+                         ) -> None:
+  """Spectrogram and frame, each as input, masked input and reconstruction; a clip shows
+  up to `max_times` evenly spaced frames of each."""
+  panels = [("input", "spectrogram", images["audio"], None),
+            ("masked", "spectrogram", images["audio_masked"], images["audio_mask"]),
+            ("reconstruction", "spectrogram", images["audio_reconstruction"], None)]
+  frames = images["frames"]
+  if frames.ndim == 4:
+    take, times = (lambda x, t: x), [None]
+  else:
+    take = lambda x, t: x[:, t]
+    times = sorted(set(np.linspace(0, frames.shape[1] - 1, max_times).round().astype(int)))
+  for heading, key, mask_key in (("frame", "frames", None),
+                                 ("masked", "frames_masked", "frames_mask"),
+                                 ("reconstruction", "frames_reconstruction", None)):
+    for t in times:
+      mask = None if mask_key is None else take(images[mask_key], t)
+      label = heading if t is None else f"{heading} t{t}"
+      panels.append((label, "image", take(images[key], t), mask))
   plots.plot_reconstructions(panels, path, title)
 
 
@@ -44,6 +58,17 @@ def config_checks(config: ml_collections.ConfigDict, info: dict[str, Any],
        f"{m.num_heads} does not divide model.embed_dim={m.embed_dim}"),
       (m.decoder_embed_dim % m.decoder_num_heads == 0, "model.decoder_num_heads",
        f"{m.decoder_num_heads} does not divide model.decoder_embed_dim={m.decoder_embed_dim}"),
+      (m.num_frames == d.num_frames, "model.num_frames",
+       f"{m.num_frames} differs from data.num_frames={d.num_frames}"),
+      (m.num_frames % m.tubelet_size == 0, "model.tubelet_size",
+       f"{m.tubelet_size} does not divide model.num_frames={m.num_frames}"),
+      (m.num_frames == 1 or m.embed_dim % 16 == 0 and m.decoder_embed_dim % 16 == 0,
+       "model.embed_dim", f"{m.embed_dim} (and decoder_embed_dim={m.decoder_embed_dim}) must "
+       "be multiples of 16 for 3-D sin-cos position embeddings of clips"),
+      (config.masking.mode_v in ("unstructured", "tube"), "masking.mode_v",
+       f"{config.masking.mode_v!r}; one of 'unstructured', 'tube'"),
+      (config.loss.video_target in ("patch", "tubelet"), "loss.video_target",
+       f"{config.loss.video_target!r}; one of 'patch', 'tubelet'"),
       (m.num_heads % mesh.shape["tensor"] == 0 and m.decoder_num_heads % mesh.shape["tensor"] == 0,
        "mesh.tensor", f"{mesh.shape['tensor']} does not divide the attention heads"),
       (m.embed_dim % mesh.shape["fsdp"] == 0 and m.decoder_embed_dim % mesh.shape["fsdp"] == 0,
@@ -66,7 +91,9 @@ def build(config: ml_collections.ConfigDict) -> Method:
     fold = lambda i: jax.vmap(lambda k: jax.random.fold_in(k, i))(keys)
     return (masking.make_mask(fold(0), model.num_audio_tokens, cfg_mask.ratio_a,
                               cfg_mask.mode_a, grid=model.audio_grid),
-            masking.random_mask(fold(1), model.num_video_tokens, cfg_mask.ratio_v))
+            masking.make_mask(fold(1), model.num_video_tokens, cfg_mask.ratio_v, cfg_mask.mode_v,
+                              grid=(model.video_grid[0], model.num_video_tokens
+                                    // model.video_grid[0])))
 
   def batch_masks(batch: Batch, key: jax.Array) -> tuple[masking.Mask, masking.Mask]:
     return masks(masking.example_keys(key, batch["audio"].shape[0]))
@@ -77,20 +104,30 @@ def build(config: ml_collections.ConfigDict) -> Method:
 
   def example_batch(batch_size: int) -> Batch:
     """Zeros of the step's input shapes (what init traces with; no data needed)."""
+    clip = (model.num_frames,) if model.num_frames > 1 else ()
     return {"audio": jnp.zeros((batch_size, model.audio_frames, model.mel_bins)),
-            "frames": jnp.zeros((batch_size, model.image_size, model.image_size, 3), jnp.uint8),
+            "frames": jnp.zeros((batch_size, *clip, model.image_size, model.image_size, 3),
+                                jnp.uint8),
             "valid": jnp.ones((batch_size,), bool)}
 
   def features(params: Any, batch: Batch) -> dict[str, jax.Array]:
-    """Probe features (`CAVMAE.features`); clips of N frames ([B, N, H, W, 3], data.all_frames)
-    get the mean of the features of each frame with the clip's audio."""
+    """Probe features (`CAVMAE.features`). A one-frame model given every frame of a clip
+    ([B, N, H, W, 3], data.all_frames) gives the mean of its features of each frame with the
+    clip's audio; a multi-frame model sees the clip whole."""
     frames, audio = normalize_image(batch["frames"]), batch["audio"]
-    if frames.ndim == 4:
+    if model.num_frames > 1 or frames.ndim == 4:
       return model.apply({"params": params}, audio, frames, method="features")
     b, n = frames.shape[:2]
     out = model.apply({"params": params}, jnp.repeat(audio, n, axis=0),
                       frames.reshape((b * n,) + frames.shape[2:]), method="features")
     return {k: v.reshape((b, n) + v.shape[1:]).mean(1) for k, v in out.items()}
+
+  def video_target(frames: jax.Array) -> tuple[jax.Array, bool]:
+    """(target patches, whether reconstruction_loss normalises them per patch)."""
+    patches = model.patchify_video(frames)
+    if cfg_loss.video_target == "tubelet":
+      return losses.tubelet_target(patches), False
+    return patches, cfg_loss.norm_pix
 
   def loss_fn(params: Any, batch: Batch, keys: jax.Array):
     """(params, batch, one key per example) -> (loss, metrics); every term in float32."""
@@ -100,8 +137,8 @@ def build(config: ml_collections.ConfigDict) -> Method:
     valid = batch["valid"]
     rec_a = losses.reconstruction_loss(out["pred_a"], losses.patchify_audio(batch["audio"], patch),
                                        mask_a.mask, cfg_loss.norm_pix, valid)
-    rec_v = losses.reconstruction_loss(out["pred_v"], losses.patchify_image(frames, patch),
-                                       mask_v.mask, cfg_loss.norm_pix, valid)
+    target_v, norm_pix_v = video_target(frames)
+    rec_v = losses.reconstruction_loss(out["pred_v"], target_v, mask_v.mask, norm_pix_v, valid)
     # Mean-pooled visible tokens after the shared block with modality norms, as official.
     nce, accuracy = losses.contrastive_loss(
         out["latent_a"].mean(axis=1), out["latent_v"].mean(axis=1), cfg_loss.temperature,
@@ -122,14 +159,16 @@ def build(config: ml_collections.ConfigDict) -> Method:
     frames = normalize_image(batch["frames"])
     out = model.apply({"params": params}, batch["audio"], frames, mask_a, mask_v)
     images = {}
-    for name, x, pred, mask, patchify, unpatchify in (
-        ("audio", batch["audio"], out["pred_a"], mask_a, losses.patchify_audio,
-         lambda p: losses.unpatchify_audio(p, patch, model.mel_bins)),
-        ("frames", frames, out["pred_v"], mask_v, losses.patchify_image,
-         lambda p: losses.unpatchify_image(p, patch))):
-      target = patchify(x.astype(jnp.float32), patch)
+    for name, x, pred, mask, patchify, unpatchify, target_kind in (
+        ("audio", batch["audio"], out["pred_a"], mask_a, lambda x: losses.patchify_audio(x, patch),
+         lambda p: losses.unpatchify_audio(p, patch, model.mel_bins), "patch"),
+        ("frames", frames, out["pred_v"], mask_v, model.patchify_video, model.unpatchify_video,
+         cfg_loss.video_target)):
+      target = patchify(x.astype(jnp.float32))
       pred = pred.astype(jnp.float32)
-      if cfg_loss.norm_pix:
+      if target_kind == "tubelet":
+        pred = losses.from_tubelet_target(pred, target)
+      elif cfg_loss.norm_pix:
         mean = target.mean(-1, keepdims=True)
         std = jnp.sqrt(target.var(-1, keepdims=True, ddof=1) + 1e-6)
         pred = pred * std + mean

@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 
 from avmae import losses, masking
-from avmae.models.vit import Block, Dense, Dtype, LayerNormParams, constrain, layer_norm, sincos_2d
+from avmae.models.vit import (Block, Dense, Dtype, LayerNormParams, constrain, layer_norm,
+                              sincos_2d, sincos_3d)
 
 
 # Rematerialisation per block: "none" keeps every activation; "full" keeps only each block's
@@ -66,6 +67,11 @@ class CAVMAE(nn.Module):
   decoder_embed_dim: int
   decoder_depth: int
   decoder_num_heads: int
+  # Video clips: `num_frames` frames [B, T, H, W, 3] cut into tubelets of `tubelet_size`
+  # frames x patch x patch (VideoMAE), time-major tokens. 1 and 1: CAV-MAE's one frame
+  # [B, H, W, 3], exactly the official model.
+  num_frames: int = 1
+  tubelet_size: int = 1
   dtype: Dtype = jnp.float32
   remat: str = "none"  # a key of REMAT_POLICIES: what each block keeps for the backward pass
   # One nn.scan per stack of `layer_stacks` (one compiled block, parameters with a leading
@@ -86,8 +92,26 @@ class CAVMAE(nn.Module):
     return self.audio_grid[0] * self.audio_grid[1]
 
   @property
+  def video_grid(self) -> tuple[int, int, int]:
+    """(time slots, rows, columns) of video tokens."""
+    side = self.image_size // self.patch_size
+    return self.num_frames // self.tubelet_size, side, side
+
+  @property
   def num_video_tokens(self) -> int:
-    return (self.image_size // self.patch_size) ** 2
+    t, h, w = self.video_grid
+    return t * h * w
+
+  def patchify_video(self, frames: jax.Array) -> jax.Array:
+    """One frame [B, H, W, 3] or a clip [B, T, H, W, 3] -> tokens [B, Lv, t*p*p*3]."""
+    if self.num_frames == 1:
+      return losses.patchify_image(frames, self.patch_size)
+    return losses.patchify_clip(frames, self.tubelet_size, self.patch_size)
+
+  def unpatchify_video(self, patches: jax.Array) -> jax.Array:
+    if self.num_frames == 1:
+      return losses.unpatchify_image(patches, self.patch_size)
+    return losses.unpatchify_clip(patches, self.tubelet_size, self.patch_size, self.video_grid)
 
   def _remat(self, block: type[nn.Module]) -> type[nn.Module]:
     if self.remat not in REMAT_POLICIES:
@@ -143,12 +167,14 @@ class CAVMAE(nn.Module):
                                       self.decoder_num_heads)
     self.decoder_norm = LayerNormParams()
     self.decoder_pred_a = Dense(p * p, ("embed", "patch"), self.dtype)
-    self.decoder_pred_v = Dense(p * p * 3, ("embed", "patch"), self.dtype)
+    self.decoder_pred_v = Dense(self.tubelet_size * p * p * 3, ("embed", "patch"), self.dtype)
 
   def _pos(self, dim: int) -> tuple[jax.Array, jax.Array]:
-    side = self.image_size // self.patch_size
+    # One time slot has no time to encode: the 2-D embedding, so one frame is official CAV-MAE.
+    t, h, w = self.video_grid
+    pos_v = sincos_2d(dim, h, w) if t == 1 else sincos_3d(dim, t, h, w)
     return (jnp.asarray(sincos_2d(dim, *self.audio_grid), self.dtype),
-            jnp.asarray(sincos_2d(dim, side, side), self.dtype))
+            jnp.asarray(pos_v, self.dtype))
 
   def embed_visible(self, audio: jax.Array, frames: jax.Array, mask_a: masking.Mask,
                     mask_v: masking.Mask) -> tuple[jax.Array, jax.Array]:
@@ -159,7 +185,7 @@ class CAVMAE(nn.Module):
     """
     pos_a, pos_v = self._pos(self.embed_dim)
     a = masking.gather_visible(losses.patchify_audio(audio, self.patch_size), mask_a)
-    v = masking.gather_visible(losses.patchify_image(frames, self.patch_size), mask_v)
+    v = masking.gather_visible(self.patchify_video(frames), mask_v)
     a = (self.patch_embed_a(a) + jnp.take(pos_a, mask_a.ids_keep, axis=0)
          + self.modality_a.astype(self.dtype))
     v = (self.patch_embed_v(v) + jnp.take(pos_v, mask_v.ids_keep, axis=0)
@@ -218,7 +244,7 @@ class CAVMAE(nn.Module):
 
   def decode(self, latent: jax.Array, mask_a: masking.Mask, mask_v: masking.Mask
              ) -> tuple[jax.Array, jax.Array]:
-    """Predicted patches of every token [B, La, p*p], [B, Lv, p*p*3] from the visible latent."""
+    """Predicted patches of every token [B, La, p*p], [B, Lv, t*p*p*3] from the visible latent."""
     x = self.decoder_embed(latent)
     num_visible_a = mask_a.ids_keep.shape[1]
     token = self.mask_token[0, 0].astype(self.dtype)
@@ -235,7 +261,8 @@ class CAVMAE(nn.Module):
 
   def __call__(self, audio: jax.Array, frames: jax.Array, mask_a: masking.Mask,
                mask_v: masking.Mask) -> dict[str, jax.Array]:
-    """audio [B, T, F] normalised log-mel, frames [B, H, W, 3] -> latents and predictions."""
+    """audio [B, T, F] normalised log-mel, frames [B, H, W, 3] (or a clip [B, T, H, W, 3])
+    -> latents and predictions."""
     out = self.encode(*self.embed_visible(audio, frames, mask_a, mask_v))
     out["pred_a"], out["pred_v"] = self.decode(out["latent"], mask_a, mask_v)
     return out

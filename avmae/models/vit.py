@@ -27,6 +27,15 @@ def constrain(x: jax.Array, *names: str | None) -> jax.Array:
   return nn.with_logical_constraint(x, names)
 
 
+def sincos_1d(embed_dim: int, length: int) -> np.ndarray:
+  """[length, embed_dim]: [sin, cos] of position * 10000^(-k / (D/2)), as MAE's 1-D part."""
+  if embed_dim % 2:
+    raise ValueError(f"sin-cos position embedding needs an even embed_dim, got {embed_dim}")
+  omega = 1.0 / 10000 ** (np.arange(embed_dim // 2, dtype=np.float64) / (embed_dim / 2))
+  out = np.outer(np.arange(length, dtype=np.float64), omega)
+  return np.concatenate([np.sin(out), np.cos(out)], axis=1).astype(np.float32)
+
+
 def sincos_2d(embed_dim: int, grid_h: int, grid_w: int) -> np.ndarray:
   """Fixed 2-D sin-cos position embedding [grid_h * grid_w, embed_dim], token m = h*W + w.
 
@@ -36,15 +45,19 @@ def sincos_2d(embed_dim: int, grid_h: int, grid_w: int) -> np.ndarray:
   """
   if embed_dim % 4:
     raise ValueError(f"sin-cos position embedding needs embed_dim % 4 == 0, got {embed_dim}")
-  h, w = np.meshgrid(np.arange(grid_h, dtype=np.float64), np.arange(grid_w, dtype=np.float64),
-                     indexing="ij")
-  omega = 1.0 / 10000 ** (np.arange(embed_dim // 4, dtype=np.float64) / (embed_dim / 4))
+  by_w = np.tile(sincos_1d(embed_dim // 2, grid_w), (grid_h, 1))
+  by_h = np.repeat(sincos_1d(embed_dim // 2, grid_h), grid_w, axis=0)
+  return np.concatenate([by_w, by_h], axis=1)
 
-  def embed_1d(pos):
-    out = np.outer(pos.reshape(-1), omega)
-    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
-  return np.concatenate([embed_1d(w), embed_1d(h)], axis=1).astype(np.float32)
+def sincos_3d(embed_dim: int, grid_t: int, grid_h: int, grid_w: int) -> np.ndarray:
+  """Fixed 3-D sin-cos position embedding [T*H*W, D], token (t*H + h)*W + w, as MAE-ST and
+  MAViL's video branch: D/4 channels of the time slot, then 3D/4 of `sincos_2d`."""
+  if embed_dim % 16:
+    raise ValueError(f"3-D sin-cos position embedding needs embed_dim % 16 == 0, got {embed_dim}")
+  temporal = np.repeat(sincos_1d(embed_dim // 4, grid_t), grid_h * grid_w, axis=0)
+  spatial = np.tile(sincos_2d(embed_dim // 4 * 3, grid_h, grid_w), (grid_t, 1))
+  return np.concatenate([temporal, spatial], axis=1)
 
 
 class Dense(nn.Module):
