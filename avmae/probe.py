@@ -53,6 +53,9 @@ def _data_config(config: ml_collections.ConfigDict, train_config, data_dir: str)
   data.dir = data_dir
   model = train_config.model
   data.audio_frames, data.image_size = model.audio_frames, model.image_size
+  # The training clip geometry (workdirs from before clips existed trained on one frame).
+  data.num_frames = train_config.data.get("num_frames", 1)
+  data.frame_stride = train_config.data.get("frame_stride", 1)
   mel_bins = dataset_info.load(data_dir)["features"]["mel_bins"]
   if mel_bins != model.mel_bins:
     raise ValueError(f"config.data.dir={data_dir} has {mel_bins} mel bins, but the encoder of "

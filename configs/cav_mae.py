@@ -1,5 +1,5 @@
-"""CAV-MAE pretraining. `--config=configs/cav_mae.py:SIZE` with SIZE tiny, demo, small, base or
-large.
+"""CAV-MAE pretraining. `--config=configs/cav_mae.py:SIZE` with SIZE tiny, demo, tiny_video,
+small, base, base_video or large.
 
 tiny trains on the synthetic dataset on a CPU (unit tests); demo is the tiny model with the CPU
 recipe that learns in a few minutes (the README demo; docs/learning_signal.md); base is the
@@ -35,6 +35,18 @@ INPUT_SIZES = {"tiny": (128, 64, 32), "small": (1024, 128, 224), "base": (1024, 
 MODEL_SIZES["demo"] = {**MODEL_SIZES["tiny"], "decoder_depth": 1}
 INPUT_SIZES["demo"] = (128, 64, 64)
 
+# Clips instead of one frame (VideoMAE's video side): tubelets of 2 frames x patch x patch,
+# tube masking at 0.9 and the per-tubelet target. base_video: base on 16 frames (8 x 14 x 14
+# = 1568 video tokens); tiny_video: the demo model and recipe on 8 frames of 64 px.
+def _clips(num_frames: int) -> dict:
+  return {"model.num_frames": num_frames, "model.tubelet_size": 2,
+          "data.num_frames": num_frames, "masking.mode_v": "tube", "masking.ratio_v": 0.9,
+          "loss.video_target": "tubelet"}
+
+
+MODEL_SIZES["base_video"], INPUT_SIZES["base_video"] = MODEL_SIZES["base"], INPUT_SIZES["base"]
+MODEL_SIZES["tiny_video"], INPUT_SIZES["tiny_video"] = MODEL_SIZES["demo"], INPUT_SIZES["demo"]
+
 # Logical axis -> mesh axes. Parameters: FSDP shards `embed`, tensor parallelism splits the
 # MLP and attention heads. Activations: the batch over (data, fsdp), heads/MLP over tensor.
 SHARDING_RULES = (
@@ -53,7 +65,7 @@ SHARDING_RULES = (
 )
 
 
-CPU_SIZES = ("tiny", "demo")
+CPU_SIZES = ("tiny", "demo", "tiny_video")
 
 # The demo's CPU recipe over the tiny defaults (docs/learning_signal.md says why each): long
 # enough for the contrastive term to escape its collapsed start, the contrastive term weighed
@@ -67,6 +79,8 @@ RECIPES = {"demo": {
     "loss.bidirectional": True,
     "masking.ratio_v": 0.25,
 }}
+RECIPES["base_video"] = _clips(16)
+RECIPES["tiny_video"] = {**RECIPES["demo"], **_clips(8)}
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:

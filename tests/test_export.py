@@ -62,15 +62,16 @@ def _rel(ref, got) -> float:
   return float(np.abs(ref - np.asarray(got, np.float64)).max() / np.abs(ref).max())
 
 
-@pytest.mark.parametrize("size", ["tiny", "base"])
+@pytest.mark.parametrize("size", ["tiny", "base", "tiny_video"])
 def test_pytorch_module_matches_jax(size):
   config, model, params = _random_params(size)
   tm = _torch_model(config, cav_mae_layout.to_official(params, model))
   m, batch = config.model, 2
   rng = np.random.default_rng(0)
   audio = rng.standard_normal((batch, m.audio_frames, m.mel_bins)).astype(np.float32)
-  frames = rng.standard_normal((batch, m.image_size, m.image_size, 3)).astype(np.float32)
-  t_audio, t_frames = torch.from_numpy(audio), torch.from_numpy(frames).permute(0, 3, 1, 2)
+  frames = rng.standard_normal((batch, *model.frames_shape)).astype(np.float32)
+  t_audio = torch.from_numpy(audio)  # frames [B, (T,) H, W, 3] -> [B, 3, (T,) H, W]
+  t_frames = torch.from_numpy(frames).permute(0, frames.ndim - 1, *range(1, frames.ndim - 1))
   states = jax.jit(lambda p, a, f: model.apply({"params": p}, a, f, method="hidden_states"))(
       params, audio, frames)
   mask_a = masking.random_mask(masking.example_keys(jax.random.key(3), batch),

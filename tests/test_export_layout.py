@@ -33,7 +33,8 @@ def _params(size):
   config = cav_mae.get_config(size)
   config.data.batch_size = 1
   method = METHODS[config.method](config)
-  return method.model, jax.jit(lambda: method.init(jax.random.key(0), method.example_batch(1))["params"])
+  return method.model, jax.jit(
+      lambda: method.init(jax.random.key(0), method.example_batch(1))["params"])
 
 
 def test_base_export_has_the_official_keys_order_and_shapes():
@@ -63,6 +64,22 @@ def test_round_trip_is_exact_and_values_land_in_the_right_places():
                                 kv[(1 * p + 3) * 3 + 2, 5])
   ka = params["patch_embed_a"]["kernel"]  # rows (freq, time); conv input is [B, 1, F, T]
   np.testing.assert_array_equal(sd["patch_embed_a.proj.weight"][7, 0, 2, 5], ka[2 * p + 5, 7])
+
+
+def test_a_clip_model_round_trips_through_avmaes_layout():
+  model, init = _params("tiny_video")
+  params = jax.tree.map(np.asarray, sharding.strip_logical_names(init()))
+  sd = cav_mae_layout.to_official(params, model)
+  back = cav_mae_layout.from_official(sd, model)
+  jax.tree.map(np.testing.assert_array_equal, back, params)
+  p, t = model.patch_size, model.tubelet_size
+  kv = params["patch_embed_v"]["kernel"]  # rows (time, row, col, channel)
+  assert sd["patch_embed_v.proj.weight"].shape == (64, 3, t, p, p)
+  np.testing.assert_array_equal(sd["patch_embed_v.proj.weight"][5, 2, 1, 4, 3],
+                                kv[((1 * p + 4) * p + 3) * 3 + 2, 5])
+  assert sd["pos_embed_v"].shape == (1, 4 * 8 * 8, 64)
+  with pytest.raises(ValueError, match="8-frame clips has no timm layout"):
+    cav_mae_layout.to_timm(params, model, "v")
 
 
 def test_import_rejects_a_foreign_layout():

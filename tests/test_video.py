@@ -133,11 +133,10 @@ def test_the_tubelet_target_matches_numpy():
 
 def _fixed_batch(config, batch=4):
   rng = np.random.default_rng(0)
-  frames = (config.model.num_frames,) if config.model.num_frames > 1 else ()
-  size = config.model.image_size
-  return {"audio": jnp.asarray(rng.standard_normal((batch, config.model.audio_frames,
-                                                    config.model.mel_bins)), jnp.float32),
-          "frames": jnp.asarray(rng.integers(0, 256, (batch, *frames, size, size, 3)), jnp.uint8),
+  model = METHODS[config.method](config).model
+  return {"audio": jnp.asarray(rng.standard_normal((batch, model.audio_frames,
+                                                    model.mel_bins)), jnp.float32),
+          "frames": jnp.asarray(rng.integers(0, 256, (batch, *model.frames_shape)), jnp.uint8),
           "valid": jnp.ones((batch,), bool)}
 
 

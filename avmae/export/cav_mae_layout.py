@@ -9,6 +9,9 @@ Conversions, all exact:
   Dense kernel [in, out]                 -> Linear weight [out, in]
   patch_embed_a kernel [p*p, D] (f, t)   -> Conv2d weight [D, 1, p, p] (input [B, 1, F, T])
   patch_embed_v kernel [p*p*3, D] (r,c,ch) -> Conv2d weight [D, 3, p, p]
+  clips (model.num_frames > 1, avmae's layout: there is no official one):
+  patch_embed_v kernel [t*p*p*3, D] (time, r, c, ch) -> Conv3d weight [D, 3, t, p, p] over
+  frames [B, 3, T, H, W]; pos_embed_v the 3-D sin-cos embedding of the (T/t, H/p, W/p) grid
   qkv kernel [D, 3, H, Dh]               -> qkv weight [3*H*Dh, D], rows ordered [3][H][Dh]
   out kernel [H, Dh, D]                  -> proj weight [D, H*Dh]
   LayerNorm scale/bias                   -> weight/bias
@@ -28,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from avmae import checkpoint, masking
-from avmae.models.cav_mae import layer_stacks
+from avmae.models.cav_mae import layer_stacks, video_pos_embedding
 from avmae.models.vit import sincos_2d
 
 Params = dict[str, Any]
@@ -76,22 +79,25 @@ def _pretrain_layout(params: Params, model: Any) -> dict[str, np.ndarray]:
   params = _unrolled(params, model)
   p = model.patch_size
   f_grid, t_grid = model.mel_bins // p, model.audio_frames // p
-  side = model.image_size // p
   sd: dict[str, np.ndarray] = {}
   for name in ("modality_a", "modality_v"):
     sd[name] = np.asarray(params[name])
   sd["pos_embed_a"] = sincos_2d(model.embed_dim, f_grid, t_grid)[None]
-  sd["pos_embed_v"] = sincos_2d(model.embed_dim, side, side)[None]
+  sd["pos_embed_v"] = video_pos_embedding(model.video_grid, model.embed_dim)[None]
   for name in ("mask_token", "decoder_modality_a", "decoder_modality_v"):
     sd[name] = np.asarray(params[name])
   sd["decoder_pos_embed_a"] = sincos_2d(model.decoder_embed_dim, f_grid, t_grid)[None]
-  sd["decoder_pos_embed_v"] = sincos_2d(model.decoder_embed_dim, side, side)[None]
+  sd["decoder_pos_embed_v"] = video_pos_embedding(model.video_grid, model.decoder_embed_dim)[None]
   d = model.embed_dim
   ka = np.asarray(params["patch_embed_a"]["kernel"])  # [(f, t), D]
   sd["patch_embed_a.proj.weight"] = ka.T.reshape(d, 1, p, p)
   sd["patch_embed_a.proj.bias"] = np.asarray(params["patch_embed_a"]["bias"])
-  kv = np.asarray(params["patch_embed_v"]["kernel"]).reshape(p, p, 3, d)  # (row, col, ch)
-  sd["patch_embed_v.proj.weight"] = kv.transpose(3, 2, 0, 1)
+  kv = np.asarray(params["patch_embed_v"]["kernel"])
+  if model.num_frames == 1:  # (row, col, ch)
+    sd["patch_embed_v.proj.weight"] = kv.reshape(p, p, 3, d).transpose(3, 2, 0, 1)
+  else:  # (time, row, col, ch)
+    t = model.tubelet_size
+    sd["patch_embed_v.proj.weight"] = kv.reshape(t, p, p, 3, d).transpose(4, 3, 0, 1, 2)
   sd["patch_embed_v.proj.bias"] = np.asarray(params["patch_embed_v"]["bias"])
   for stack in ("blocks_a", "blocks_v", "blocks_u"):
     for i in range(_count(params, stack)):
@@ -169,6 +175,10 @@ def to_timm(params: Params, model: Any, modality: str) -> tuple[dict[str, np.nda
   transposed, [B, 1, mel_bins, frames]; video [B, 3, H, W]."""
   if modality not in ("a", "v"):
     raise ValueError(f"modality must be 'a' or 'v', got {modality!r}")
+  if model.num_frames > 1:
+    raise ValueError(f"a model of {model.num_frames}-frame clips has no timm layout (timm has "
+                     "no video ViT): export --format=cav_mae, which avmae's PyTorch module "
+                     "(avmae/export/torch_cav_mae.py) loads")
   params = _unrolled(params, model)
   sd_all = _pretrain_layout(params, model)
   blocks = [f"blocks_{modality}.{i}" for i in range(_count(params, f"blocks_{modality}"))]
@@ -209,7 +219,7 @@ def _zeros(model: Any) -> Params:
   """Zero parameters of `model` (a CAVMAE module): the reference for the keys and shapes an
   import must have (about 0.8 GB at base size, once per import)."""
   batch_a = jnp.zeros((1, model.audio_frames, model.mel_bins))
-  frames = jnp.zeros((1, model.image_size, model.image_size, 3))
+  frames = jnp.zeros((1, *model.frames_shape))
   keep_a = masking.keep_all(1, model.num_audio_tokens)
   keep_v = masking.keep_all(1, model.num_video_tokens)
   boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), batch_a, frames, keep_a, keep_v))
@@ -274,9 +284,10 @@ def _template(sd: dict[str, np.ndarray], model: Any) -> Params:
                                        "decoder_modality_a", "decoder_modality_v")}
   params["patch_embed_a"] = {"kernel": sd["patch_embed_a.proj.weight"].reshape(d, p * p).T,
                              "bias": sd["patch_embed_a.proj.bias"]}
-  params["patch_embed_v"] = {
-      "kernel": sd["patch_embed_v.proj.weight"].transpose(2, 3, 1, 0).reshape(p * p * 3, d),
-      "bias": sd["patch_embed_v.proj.bias"]}
+  wv = sd["patch_embed_v.proj.weight"]  # [D, 3, p, p] or, for clips, [D, 3, t, p, p]
+  order = (2, 3, 1, 0) if wv.ndim == 4 else (2, 3, 4, 1, 0)
+  params["patch_embed_v"] = {"kernel": wv.transpose(order).reshape(-1, d),
+                             "bias": sd["patch_embed_v.proj.bias"]}
   for stack in ("blocks_a", "blocks_v", "blocks_u", "decoder_blocks"):
     i = 0
     while f"{stack}.{i}.attn.qkv.weight" in sd:

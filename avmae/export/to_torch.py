@@ -77,7 +77,13 @@ def export(workdir: str, out: str, fmt: str = "cav_mae", step: int | None = None
     args = dict(architecture(config.model), decoder=variant == "pretrain",
                 video=variant != "finetune_audio",
                 num_classes=0 if variant == "pretrain" else num_classes)
-    files.save(out, sd, dict(meta, variant=variant, module_prefix=module_prefix,
+    layout = ("official CAV-MAE state_dict" if model.num_frames == 1 else
+              f"avmae's CAV-MAE layout for clips of {model.num_frames} frames (no official "
+              f"one exists): patch_embed_v.proj is a Conv3d over [B, 3, T, H, W] with "
+              f"{model.tubelet_size}x{model.patch_size}x{model.patch_size} tubelets, "
+              "time-major tokens, pos_embed_v 3-D sin-cos (D/4 time, 3D/4 2-D); load it with "
+              "avmae/export/torch_cav_mae.py CAVMAE(**torch_cav_mae_args)")
+    files.save(out, sd, dict(meta, variant=variant, module_prefix=module_prefix, layout=layout,
                              torch_cav_mae_args=args))
     written.append(out)
   else:

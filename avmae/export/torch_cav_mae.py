@@ -24,27 +24,43 @@ import torch.nn.functional as F
 LN_EPS = 1e-5
 
 
+def sincos_1d(embed_dim: int, length: int) -> torch.Tensor:
+  """[length, embed_dim]: [sin, cos] of position * 10000^(-k / (D/2))."""
+  omega = 1.0 / 10000 ** (torch.arange(embed_dim // 2, dtype=torch.float64) / (embed_dim / 2))
+  out = torch.arange(length, dtype=torch.float64)[:, None] * omega[None]
+  return torch.cat([out.sin(), out.cos()], dim=1).float()
+
+
 def sincos_2d(embed_dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
   """[grid_h * grid_w, embed_dim]: first half of the channels encodes the column, second the
   row; each half [sin, cos] of position * 10000^(-k / (D/4)) (the MAE construction)."""
-  h, w = torch.meshgrid(torch.arange(grid_h, dtype=torch.float64),
-                        torch.arange(grid_w, dtype=torch.float64), indexing="ij")
-  omega = 1.0 / 10000 ** (torch.arange(embed_dim // 4, dtype=torch.float64) / (embed_dim / 4))
+  by_w = sincos_1d(embed_dim // 2, grid_w).repeat(grid_h, 1)
+  by_h = sincos_1d(embed_dim // 2, grid_h).repeat_interleave(grid_w, dim=0)
+  return torch.cat([by_w, by_h], dim=1)
 
-  def embed_1d(pos: torch.Tensor) -> torch.Tensor:
-    out = pos.reshape(-1, 1) * omega[None]
-    return torch.cat([out.sin(), out.cos()], dim=1)
 
-  return torch.cat([embed_1d(w), embed_1d(h)], dim=1).float()
+def video_pos_embedding(grid: tuple[int, int, int], dim: int) -> torch.Tensor:
+  """Video tokens on (time slots, rows, columns): the 2-D embedding for one slot, else 3-D
+  (D/4 channels of the time slot, then 3D/4 of the 2-D embedding), as avmae's model."""
+  t, h, w = grid
+  if t == 1:
+    return sincos_2d(dim, h, w)
+  return torch.cat([sincos_1d(dim // 4, t).repeat_interleave(h * w, dim=0),
+                    sincos_2d(dim // 4 * 3, h, w).repeat(t, 1)], dim=1)
 
 
 class PatchEmbed(nn.Module):
-  def __init__(self, in_chans: int, embed_dim: int, patch_size: int):
+  def __init__(self, in_chans: int, embed_dim: int, patch_size: int, tubelet_size: int = 0):
     super().__init__()
-    self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+    if tubelet_size:  # clips: tubelets of tubelet_size frames x patch x patch
+      size = (tubelet_size, patch_size, patch_size)
+      self.proj = nn.Conv3d(in_chans, embed_dim, kernel_size=size, stride=size)
+    else:
+      self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
   def forward(self, x: torch.Tensor) -> torch.Tensor:
-    """[B, C, H, W] -> [B, (H/p)*(W/p), D], row-major tokens."""
+    """[B, C, H, W] -> [B, (H/p)*(W/p), D], row-major tokens; a clip [B, C, T, H, W] ->
+    [B, (T/t)*(H/p)*(W/p), D], time-major."""
     return self.proj(x).flatten(2).transpose(1, 2)
 
 
@@ -101,22 +117,24 @@ def _gather(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 class CAVMAE(nn.Module):
   """CAV-MAE encoders (+ decoder, + classification head). Inputs as avmae's model takes
-  them after preprocessing: audio [B, T, F] normalised log-mel, frames [B, 3, H, W]
-  normalised with the ImageNet statistics (see torch_frontend.py)."""
+  them after preprocessing: audio [B, T, F] normalised log-mel, frames [B, 3, H, W] (clips of
+  `num_frames` > 1: [B, 3, T, H, W], cut into tubelets of `tubelet_size` frames) normalised
+  with the ImageNet statistics (see torch_frontend.py)."""
 
   def __init__(self, audio_frames: int = 1024, mel_bins: int = 128, image_size: int = 224,
                patch_size: int = 16, embed_dim: int = 768, modality_specific_depth: int = 11,
                shared_depth: int = 1, num_heads: int = 12, mlp_ratio: float = 4.0,
                decoder_embed_dim: int = 512, decoder_depth: int = 8,
                decoder_num_heads: int = 16, decoder: bool = True, video: bool = True,
-               num_classes: int = 0):
+               num_classes: int = 0, num_frames: int = 1, tubelet_size: int = 1):
     super().__init__()
     if decoder and (not video or num_classes):
       raise ValueError("the pretraining layout (decoder=True) has both modalities and no head")
     self.patch_size = patch_size
     self.grid_a = (mel_bins // patch_size, audio_frames // patch_size)  # (freq, time)
     side = image_size // patch_size
-    self.grid_v = (side, side)
+    self.num_frames = num_frames
+    self.grid_v = (num_frames // tubelet_size, side, side)  # (time slots, rows, columns)
     d, dd = embed_dim, decoder_embed_dim
 
     def constant(value: torch.Tensor) -> nn.Parameter:
@@ -128,16 +146,16 @@ class CAVMAE(nn.Module):
       self.modality_v = nn.Parameter(torch.zeros(1, 1, d))
     self.pos_embed_a = constant(sincos_2d(d, *self.grid_a))
     if video:
-      self.pos_embed_v = constant(sincos_2d(d, *self.grid_v))
+      self.pos_embed_v = constant(video_pos_embedding(self.grid_v, d))
     if decoder:
       self.mask_token = nn.Parameter(torch.zeros(1, 1, dd))
       self.decoder_modality_a = nn.Parameter(torch.zeros(1, 1, dd))
       self.decoder_modality_v = nn.Parameter(torch.zeros(1, 1, dd))
       self.decoder_pos_embed_a = constant(sincos_2d(dd, *self.grid_a))
-      self.decoder_pos_embed_v = constant(sincos_2d(dd, *self.grid_v))
+      self.decoder_pos_embed_v = constant(video_pos_embedding(self.grid_v, dd))
     self.patch_embed_a = PatchEmbed(1, d, patch_size)
     if video:
-      self.patch_embed_v = PatchEmbed(3, d, patch_size)
+      self.patch_embed_v = PatchEmbed(3, d, patch_size, tubelet_size if num_frames > 1 else 0)
 
     def blocks(depth: int, dim: int, heads: int) -> nn.ModuleList:
       return nn.ModuleList(Block(dim, heads, mlp_ratio) for _ in range(depth))
@@ -155,7 +173,7 @@ class CAVMAE(nn.Module):
       self.decoder_blocks = blocks(decoder_depth, dd, decoder_num_heads)
       self.decoder_norm = nn.LayerNorm(dd, eps=LN_EPS)
       self.decoder_pred_a = nn.Linear(dd, patch_size ** 2)
-      self.decoder_pred_v = nn.Linear(dd, patch_size ** 2 * 3)
+      self.decoder_pred_v = nn.Linear(dd, tubelet_size * patch_size ** 2 * 3)
     if num_classes:
       self.mlp_head = nn.Sequential(nn.LayerNorm(d, eps=LN_EPS), nn.Linear(d, num_classes))
 
@@ -296,6 +314,9 @@ def pretraining_loss(model: CAVMAE, audio: torch.Tensor, frames: torch.Tensor,
                      norm_pix: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
   """The CAV-MAE loss for given masks (ids_keep_a, ids_restore_a, mask_a, ids_keep_v,
   ids_restore_v, mask_v; mask 1 = removed). Audio [B, T, F], frames [B, 3, H, W]."""
+  if model.num_frames > 1:
+    raise ValueError("pretraining_loss is CAV-MAE's one-frame objective; this model takes "
+                     f"clips of {model.num_frames} frames")
   keep_a, restore_a, mask_a, keep_v, restore_v, mask_v = masks
   out = model(audio, frames, keep_a, restore_a, keep_v, restore_v)
   p = model.patch_size

@@ -104,10 +104,8 @@ def build(config: ml_collections.ConfigDict) -> Method:
 
   def example_batch(batch_size: int) -> Batch:
     """Zeros of the step's input shapes (what init traces with; no data needed)."""
-    clip = (model.num_frames,) if model.num_frames > 1 else ()
     return {"audio": jnp.zeros((batch_size, model.audio_frames, model.mel_bins)),
-            "frames": jnp.zeros((batch_size, *clip, model.image_size, model.image_size, 3),
-                                jnp.uint8),
+            "frames": jnp.zeros((batch_size, *model.frames_shape), jnp.uint8),
             "valid": jnp.ones((batch_size,), bool)}
 
   def features(params: Any, batch: Batch) -> dict[str, jax.Array]:

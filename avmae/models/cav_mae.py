@@ -15,6 +15,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from avmae import losses, masking
 from avmae.models.vit import (Block, Dense, Dtype, LayerNormParams, constrain, layer_norm,
@@ -37,6 +38,14 @@ def layer_stacks(model) -> dict[str, int]:
   have a leading layer axis (avmae/checkpoint.py convert_layers converts)."""
   return {"blocks_a": model.modality_specific_depth, "blocks_v": model.modality_specific_depth,
           "decoder_blocks": model.decoder_depth}
+
+
+def video_pos_embedding(grid: tuple[int, int, int], dim: int) -> np.ndarray:
+  """[T*H*W, dim] fixed position embedding of video tokens on `grid` (time slots, rows,
+  columns): 3-D sin-cos; one time slot has no time to encode, so it is the 2-D one
+  (official CAV-MAE's)."""
+  t, h, w = grid
+  return sincos_2d(dim, h, w) if t == 1 else sincos_3d(dim, t, h, w)
 
 
 class _Layer(Block):
@@ -96,6 +105,12 @@ class CAVMAE(nn.Module):
     """(time slots, rows, columns) of video tokens."""
     side = self.image_size // self.patch_size
     return self.num_frames // self.tubelet_size, side, side
+
+  @property
+  def frames_shape(self) -> tuple[int, ...]:
+    """One example's frames: (H, W, 3), or a clip (T, H, W, 3)."""
+    clip = (self.num_frames,) if self.num_frames > 1 else ()
+    return (*clip, self.image_size, self.image_size, 3)
 
   @property
   def num_video_tokens(self) -> int:
@@ -170,11 +185,8 @@ class CAVMAE(nn.Module):
     self.decoder_pred_v = Dense(self.tubelet_size * p * p * 3, ("embed", "patch"), self.dtype)
 
   def _pos(self, dim: int) -> tuple[jax.Array, jax.Array]:
-    # One time slot has no time to encode: the 2-D embedding, so one frame is official CAV-MAE.
-    t, h, w = self.video_grid
-    pos_v = sincos_2d(dim, h, w) if t == 1 else sincos_3d(dim, t, h, w)
     return (jnp.asarray(sincos_2d(dim, *self.audio_grid), self.dtype),
-            jnp.asarray(pos_v, self.dtype))
+            jnp.asarray(video_pos_embedding(self.video_grid, dim), self.dtype))
 
   def embed_visible(self, audio: jax.Array, frames: jax.Array, mask_a: masking.Mask,
                     mask_v: masking.Mask) -> tuple[jax.Array, jax.Array]:
