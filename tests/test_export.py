@@ -52,7 +52,7 @@ def _random_params(size: str, seed: int = 1):
 
 
 def _torch_model(config, sd, **kwargs):
-  model = torch_cav_mae.CAVMAE(**to_torch.architecture(config.model), **kwargs)
+  model = torch_cav_mae.CAVMAE(**cav_mae_layout.torch_args(config.model), **kwargs)
   model.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=True)
   return model.eval()
 
@@ -172,7 +172,7 @@ def test_official_layouts_of_every_variant_and_the_pytorch_module():
     assert [(k, v.shape) for k, v in sd.items()] == official, variant
     # The PyTorch module has exactly that state_dict. (Not built on the meta device: that
     # imports torch._dynamo and triton, which crashes in a process that loaded TensorFlow.)
-    tm = torch_cav_mae.CAVMAE(**to_torch.architecture(base.model), **kwargs)
+    tm = torch_cav_mae.CAVMAE(**cav_mae_layout.torch_args(base.model), **kwargs)
     assert [(k, tuple(v.shape)) for k, v in tm.state_dict().items()] == official, variant
     del tm
   with pytest.raises(ValueError, match="needs mlp_head"):

@@ -1,4 +1,4 @@
-"""`python -m avmae.export --workdir=DIR [--step=N] --format=cav_mae|timm --out=PATH`.
+"""`python -m avmae.export --workdir=DIR [--step=N] [--format=F] --out=PATH`.
 
 See avmae/export/to_torch.py for the formats and the metadata written beside each file.
 """
@@ -12,7 +12,8 @@ def define_flags() -> None:
   flags.DEFINE_string("workdir", None, "Training workdir (python -m avmae.train --workdir).",
                       required=True)
   flags.DEFINE_integer("step", None, "Saved step to export; default the latest.")
-  flags.DEFINE_enum("format", "cav_mae", to_torch.FORMATS, "Target layout.")
+  flags.DEFINE_string("format", "", "Target layout, one of the method's (CAV-MAE: cav_mae, "
+                      "timm); default its first.")
   flags.DEFINE_enum("variant", "pretrain", sorted(cav_mae_layout.VARIANTS),
                     "--format=cav_mae: which official model's layout.")
   flags.DEFINE_integer("num_classes", 527, "Outputs of the finetuning variants' mlp_head.")

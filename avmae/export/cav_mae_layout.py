@@ -298,3 +298,45 @@ def _template(sd: dict[str, np.ndarray], model: Any) -> Params:
   for name in ("decoder_embed", "decoder_pred_a", "decoder_pred_v"):
     params[name] = linear(name)
   return params
+
+
+EXPORT_FORMATS = ("cav_mae", "timm")
+
+
+def torch_args(model_config: Any) -> dict[str, Any]:
+  """config.model without what only concerns training (`remat`, `scan_layers`): the arguments
+  the PyTorch CAVMAE (torch_cav_mae.py) takes."""
+  return {k: v for k, v in model_config.to_dict().items() if k not in ("remat", "scan_layers")}
+
+
+def export_files(params: Params, model: Any, model_config: Any, fmt: str,
+                 options: dict[str, Any]) -> list[tuple[str, dict[str, np.ndarray], dict]]:
+  """CAV-MAE's export formats (avmae/export/to_torch.py): (file suffix, state_dict, metadata)
+  per file. "cav_mae": the official layout of options["variant"] (clips: avmae's layout, named
+  in the metadata); "timm": the two encoders as timm ViTs."""
+  if fmt == "timm":
+    out = []
+    for modality, name in (("a", "audio"), ("v", "video")):
+      sd, args = to_timm(params, model, modality)
+      out.append((f"_{name}", sd, {"encoder": name, "timm_args": args}))
+    return out
+  variant, num_classes, seed = options["variant"], options["num_classes"], options["seed"]
+  head = None
+  if variant != "pretrain":
+    head = init_head(model.embed_dim, num_classes, seed)
+    print(f"mlp_head ({num_classes} classes) is freshly initialised (seed {seed}): "
+          "finetune it", flush=True)
+  sd = to_official(params, model, variant, head)
+  if options["module_prefix"]:
+    sd = {"module." + k: v for k, v in sd.items()}
+  args = dict(torch_args(model_config), decoder=variant == "pretrain",
+              video=variant != "finetune_audio",
+              num_classes=0 if variant == "pretrain" else num_classes)
+  layout = ("official CAV-MAE state_dict" if model.num_frames == 1 else
+            f"avmae's CAV-MAE layout for clips of {model.num_frames} frames (no official one "
+            f"exists): patch_embed_v.proj is a Conv3d over [B, 3, T, H, W] with "
+            f"{model.tubelet_size}x{model.patch_size}x{model.patch_size} tubelets, time-major "
+            "tokens, pos_embed_v 3-D sin-cos (D/4 time, 3D/4 2-D); load it with "
+            "avmae/export/torch_cav_mae.py CAVMAE(**torch_cav_mae_args)")
+  return [("", sd, {"variant": variant, "module_prefix": options["module_prefix"],
+                    "layout": layout, "torch_cav_mae_args": args})]

@@ -11,6 +11,7 @@ import numpy as np
 
 from avmae import flops, losses, masking, plots
 from avmae.data.augment import normalize_image
+from avmae.export import cav_mae_layout
 from avmae.methods.method import Batch, Check, Method
 from avmae.models.cav_mae import CAVMAE
 
@@ -184,4 +185,7 @@ def build(config: ml_collections.ConfigDict) -> Method:
                 example_batch=example_batch,
                 config_checks=lambda info, mesh: config_checks(config, info, mesh),
                 features=features,
-                retrieval={"a2v": ("audio", "video"), "v2a": ("video", "audio")})
+                retrieval={"a2v": ("audio", "video"), "v2a": ("video", "audio")},
+                export_formats=cav_mae_layout.EXPORT_FORMATS,
+                export=lambda params, fmt, options: cav_mae_layout.export_files(
+                    params, model, config.model, fmt, options))

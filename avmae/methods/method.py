@@ -32,6 +32,9 @@ class Method(NamedTuple):
   # (params, batch) -> {mode: [B, D], "<mode>_layers": [B, L, D]} frozen probe features
   features: Callable[[Any, Batch], dict[str, jax.Array]]
   retrieval: dict[str, tuple[str, str]]  # direction name -> (query mode, gallery mode)
+  export_formats: tuple[str, ...]  # PyTorch layouts; the first is the default
+  # (params as NumPy, format, options) -> [(file-name suffix, state_dict, metadata)]
+  export: Callable[[Any, str, dict[str, Any]], list[tuple[str, dict[str, Any], dict]]]
 
 
 def raise_failed(checks: list[Check]) -> None:

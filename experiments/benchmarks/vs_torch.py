@@ -45,7 +45,7 @@ import torch
 
 from avmae import masking, sharding, train
 from avmae.data.augment import normalize_image
-from avmae.export import cav_mae_layout, to_torch, torch_cav_mae
+from avmae.export import cav_mae_layout, torch_cav_mae
 from configs import cav_mae
 
 _SIZES = flags.DEFINE_list("sizes", ["tiny", "base"], "configs/cav_mae.py sizes.")
@@ -104,7 +104,7 @@ class TorchStep:
   """torch_cav_mae's pretraining loss, backward and a torch optimizer step."""
 
   def __init__(self, config, model, params, batch: dict[str, np.ndarray], masks, dtype: str):
-    self.model = torch_cav_mae.CAVMAE(**to_torch.architecture(config.model)).train()
+    self.model = torch_cav_mae.CAVMAE(**cav_mae_layout.torch_args(config.model)).train()
     state = cav_mae_layout.to_official(jax.tree.map(np.asarray, params), model)
     self.model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
     o, c = config.optimizer, config.loss
