@@ -300,7 +300,9 @@ def _template(sd: dict[str, np.ndarray], model: Any) -> Params:
   return params
 
 
-EXPORT_FORMATS = ("cav_mae", "timm")
+def export_formats(model: Any) -> tuple[str, ...]:
+  """The formats `export_files` writes for `model`: timm has no video ViT for clips."""
+  return ("cav_mae",) if model.num_frames > 1 else ("cav_mae", "timm")
 
 
 def torch_args(model_config: Any) -> dict[str, Any]:

@@ -54,8 +54,8 @@ def export(workdir: str, out: str, fmt: str = "", step: int | None = None,
   method, params = extract.load_params(config, mesh, workdir, step, seed)
   fmt = fmt or method.export_formats[0]
   if fmt not in method.export_formats:
-    raise ValueError(f"unknown --format {fmt!r} for method {config.method!r}; one of "
-                     f"{method.export_formats}")
+    raise ValueError(f"--format {fmt!r}: the {config.method} model of {workdir} exports as "
+                     f"one of {method.export_formats}")
   fingerprint = extract.fingerprint(params)
   params = jax.tree.map(np.asarray, jax.device_get(params))
   meta = {"format": fmt, "source": {"workdir": os.path.abspath(workdir), "step": step,

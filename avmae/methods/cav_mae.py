@@ -186,6 +186,6 @@ def build(config: ml_collections.ConfigDict) -> Method:
                 config_checks=lambda info, mesh: config_checks(config, info, mesh),
                 features=features,
                 retrieval={"a2v": ("audio", "video"), "v2a": ("video", "audio")},
-                export_formats=cav_mae_layout.EXPORT_FORMATS,
+                export_formats=cav_mae_layout.export_formats(model),
                 export=lambda params, fmt, options: cav_mae_layout.export_files(
                     params, model, config.model, fmt, options))
