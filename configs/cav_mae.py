@@ -80,7 +80,10 @@ RECIPES = {"demo": {
     "masking.ratio_v": 0.25,
 }}
 RECIPES["base_video"] = _clips(16)
-RECIPES["tiny_video"] = {**RECIPES["demo"], **_clips(8)}
+# 1000 steps: within 10 minutes on 2 CPU cores (a step costs 2.4x the demo's); on dataset
+# seed 0 (the recipe's) the video probe reached 0.98 at step 1000 of 2000, random init 0.48.
+RECIPES["tiny_video"] = {**RECIPES["demo"], **_clips(8), "total_steps": 1000,
+                         "keep_checkpoints": 5}
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:

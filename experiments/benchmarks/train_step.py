@@ -3,6 +3,9 @@
     python experiments/benchmarks/train_step.py [--sizes=tiny,base] [--steps=5] \
         [--remat=none,full,dots]
 
+A size `NAME@T` is configs/cav_mae.py:NAME on clips of T frames (e.g. base_video@8: the
+base video model at 8 frames, 4 x 14 x 14 = 784 video tokens).
+
 For each model size it compiles the real train step (the trainer's `make_train_step`, same
 shardings, donated state) on a mesh over the local devices, with random inputs (no data
 needed). It prints:
@@ -32,7 +35,8 @@ from avmae import flops, masking, optim, sharding, train
 from avmae.methods import METHODS
 from configs import cav_mae
 
-_SIZES = flags.DEFINE_list("sizes", ["tiny", "base"], "Model sizes of configs/cav_mae.py.")
+_SIZES = flags.DEFINE_list("sizes", ["tiny", "base"], "Model sizes of configs/cav_mae.py "
+                           "(NAME@T: clips of T frames).")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per size (after one warm-up step).")
 _TIME_BATCH = flags.DEFINE_list("time_batch", ["tiny:32", "base:4"],
                                 "Global batch for timing, per size (base at 48 takes minutes "
@@ -60,9 +64,18 @@ def _per_size(items: list[str]) -> dict[str, str]:
   return dict(item.split(":", 1) for item in items)
 
 
+def size_config(size: str):
+  """configs/cav_mae.py:NAME, or NAME@T: at clips of T frames."""
+  name, _, frames = size.partition("@")
+  config = cav_mae.get_config(name)
+  if frames:
+    config.model.num_frames = config.data.num_frames = int(frames)
+  return config
+
+
 def compile_step(size: str, batch_size: int, remat: str):
   """(config, compiled step, state, batch, compile seconds) for one size, batch and policy."""
-  config = cav_mae.get_config(size)
+  config = size_config(size)
   config.data.batch_size = batch_size
   config.model.remat = remat
   mesh = sharding.make_mesh(config.mesh)
@@ -135,17 +148,17 @@ def main(argv: list[str]) -> None:
                  xla / analytic, achieved, achieved / peak))
     del state, batch, compiled
 
-  header = (f"{'size':<6}{'remat':>6}{'batch':>6}{'dtype':>10}{'compile s':>11}{'step s':>10}"
+  header = (f"{'size':<14}{'remat':>6}{'batch':>6}{'dtype':>10}{'compile s':>11}{'step s':>10}"
             f"{'analytic GF':>13}{'XLA GF':>11}{'XLA/analytic':>14}{'GFLOP/s/dev':>13}"
             f"{'MFU':>8}")
   print(header)
   for r in rows:
-    print(f"{r[0]:<6}{r[1]:>6}{r[2]:>6}{r[3]:>10}{r[4]:>11.1f}{r[5]:>10.3f}{r[6] / 1e9:>13.1f}"
+    print(f"{r[0]:<14}{r[1]:>6}{r[2]:>6}{r[3]:>10}{r[4]:>11.1f}{r[5]:>10.3f}{r[6] / 1e9:>13.1f}"
           f"{r[7] / 1e9:>11.1f}{r[8]:>14.3f}{r[9] / 1e9:>13.1f}{r[10]:>8.1%}")
   print("\nMFU = analytic FLOPs / step time / devices, over the matmul peak of the step's "
         "compute dtype.\n")
 
-  print(f"{'size':<6}{'remat':>6}{'batch':>6}{'peak memory / device':>24}"
+  print(f"{'size':<14}{'remat':>6}{'batch':>6}{'peak memory / device':>24}"
         f"{'per added example':>20}{'saved for backward':>21}")
   for item, remat in ((i, r) for i in _MEMORY_BATCHES.value for r in _REMAT.value):
     size, *batches = item.split(":")
@@ -159,7 +172,7 @@ def main(argv: list[str]) -> None:
       marginal = ("" if previous is None else
                   f"{(bytes_ - previous[1]) / (b - previous[0]) * mesh.size / 2**20:>15.1f} MiB")
       saved = saved_for_backward_bytes(config) / mesh.size
-      print(f"{size:<6}{remat:>6}{b:>6}{bytes_ / 2**30:>21.2f} GiB{marginal:>20}"
+      print(f"{size:<14}{remat:>6}{b:>6}{bytes_ / 2**30:>21.2f} GiB{marginal:>20}"
             f"{saved / 2**30:>17.2f} GiB")
       previous = (b, bytes_)
       del state, batch, compiled
