@@ -40,6 +40,7 @@ class BuildOptions:
   mel_bins: int = 128
   log_mel: str = "kaldi"
   num_frames: int = 10
+  frames_per_second: float = 0.0  # 0: num_frames spread over the clip; else at this rate
   frame_size: int = 224
   jpeg_quality: int = 90
   video_encoding: str = "jpeg"
@@ -51,12 +52,14 @@ class BuildOptions:
   def features(self) -> dict[str, Any]:
     return {"sample_rate": self.sample_rate, "mel_bins": self.mel_bins,
             "log_mel": self.log_mel, "frame_length_ms": 25.0, "frame_shift_ms": 10.0,
-            "frames_per_clip": self.num_frames, "frame_size": [self.frame_size] * 2,
+            "frames_per_clip": self.num_frames, "frames_per_second": self.frames_per_second,
+            "frame_size": [self.frame_size] * 2,
             "video_encoding": self.video_encoding, "mono": self.mono}
 
   def decode_options(self) -> media.DecodeOptions:
     return media.DecodeOptions(sample_rate=self.sample_rate, mono=self.mono,
                                num_frames=self.num_frames, frame_size=self.frame_size,
+                               frames_per_second=self.frames_per_second,
                                min_seconds=self.min_seconds,
                                require_video=self.require_video,
                                require_audio=self.require_audio)

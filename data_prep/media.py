@@ -58,11 +58,14 @@ class DecodeOptions:
   min_seconds: shortest acceptable segment, after clipping its end to the file's end.
   require_audio=False: a file without audio gives a zero waveform of the segment's length.
   require_video=False: a file without video gives frames [0, S, S, 3], timestamps [0].
+  frames_per_second: 0 spreads num_frames evenly over the segment; a rate takes num_frames
+    at that rate, centred in the segment (a segment too short for them fails "too_short").
   """
   sample_rate: int = 16000
   mono: str = "mix"
   num_frames: int = 10
   frame_size: int = 224
+  frames_per_second: float = 0.0
   min_seconds: float = 1.0
   require_video: bool = True
   require_audio: bool = True
@@ -72,6 +75,8 @@ class DecodeOptions:
       raise ValueError(f"mono must be one of {sorted(_MONO)}, got {self.mono!r}")
     if min(self.sample_rate, self.num_frames, self.frame_size) <= 0:
       raise ValueError(f"sample_rate, num_frames and frame_size must be positive: {self}")
+    if self.frames_per_second < 0:
+      raise ValueError(f"frames_per_second must be 0 (evenly spaced) or a rate: {self}")
 
 
 @dataclasses.dataclass
@@ -87,8 +92,9 @@ def decode_clip(path: str, start: float | None = None, end: float | None = None,
                 options: DecodeOptions = DecodeOptions()) -> Clip:
   """Decodes [start, end) of `path` (None: the file's start / end; end is clipped to it).
 
-  Frame i is the one on screen at (i + 0.5) * duration / N: the latest presented at or
-  before that time (the first frame if none is), so variable frame rates work. Audio is
+  Frame i is the one on screen at (i + 0.5) * duration / N (with options.frames_per_second
+  R: at the centre + (i - (N - 1) / 2) / R): the latest presented at or before that time (the
+  first frame if none is), so variable frame rates work. Audio is
   resampled by FFmpeg (av.AudioResampler) and placed by its timestamps: where the audio
   stream does not cover the segment (it ends before the video) the waveform is zero.
   """
@@ -103,6 +109,11 @@ def decode_clip(path: str, start: float | None = None, end: float | None = None,
       raise MediaError(path, "too_short", f"the file lasts {plan.file_duration:.3f} s, so segment "
                        f"[{plan.start}, {end}) has {max(plan.end - plan.start, 0):.3f} s; at "
                        f"least {options.min_seconds} s are required")
+    span = (options.num_frames - 1) / options.frames_per_second if options.frames_per_second else 0
+    if "video" in plan.spans and span >= plan.end - plan.start:
+      raise MediaError(path, "too_short", f"{options.num_frames} frames at "
+                       f"{options.frames_per_second} per second span {span:.3f} s; segment "
+                       f"[{plan.start}, {plan.end}) has {plan.end - plan.start:.3f} s")
     sinks, error = _run(container, plan, options, seek=plan.start > 0)
   if _overshot(sinks, plan):  # the seek skipped data the segment needs: read from the start
     with _open(path) as container:
@@ -252,8 +263,11 @@ class _VideoSink(_Sink):
 
   def __init__(self, stream: av.video.stream.VideoStream, plan: _Plan, options: DecodeOptions):
     super().__init__("video", plan)
-    n = options.num_frames
-    self.targets = self.start + (np.arange(n) + 0.5) * (plan.end - plan.start) / n
+    n, rate = options.num_frames, options.frames_per_second
+    if rate:  # at that rate, centred in the segment
+      self.targets = (self.start + self.end) / 2 + (np.arange(n) - (n - 1) / 2) / rate
+    else:
+      self.targets = self.start + (np.arange(n) + 0.5) * (plan.end - plan.start) / n
     rate = stream.average_rate or stream.guessed_rate
     self.step = float(1 / rate) if rate else 0.0  # a frame's duration when it carries none
     self.chosen: list[av.VideoFrame] = []

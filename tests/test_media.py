@@ -103,6 +103,20 @@ def test_segment_of_longer_file(files, name):
   assert loud > 2 * quiet
 
 
+def test_frames_at_a_given_rate_are_centred_in_the_segment(files):
+  clip = media.decode_clip(path(files, "h264"), None, None,
+                           options(num_frames=4, frames_per_second=2.0))
+  np.testing.assert_allclose(clip.timestamps, [0.75, 1.25, 1.75, 2.25], atol=1e-6)
+  times = files["h264"]["frame_times"]
+  expected = np.maximum(np.searchsorted(times, clip.timestamps, side="right") - 1, 0)
+  np.testing.assert_array_equal([mf.frame_index(f) for f in clip.frames], expected)
+  with pytest.raises(media.MediaError, match=r"8 frames at 2.0 per second span 3.500 s; "
+                     r"segment \[0.0, 3.0\) has 3.000 s") as e:
+    media.decode_clip(path(files, "h264"), None, None, options(num_frames=8,
+                                                               frames_per_second=2.0))
+  assert e.value.reason == "too_short"
+
+
 def test_first_and_mix_differ_for_stereo(files):
   first, mix = (media.decode_clip(path(files, "h264"), 0.0, 2.0, options(mono=m))
                 for m in ("first", "mix"))
