@@ -82,10 +82,12 @@ def config_checks(config: ml_collections.ConfigDict, info: dict[str, Any],
                    f"data.batch_size / optimizer.accumulation_steps = {micro}"))
   return checks
 
+
 def build(config: ml_collections.ConfigDict) -> Method:
   model = CAVMAE(**config.model, dtype=jnp.dtype(config.dtype))
   cfg_mask, cfg_loss = config.masking, config.loss
   patch = model.patch_size
+  slots = model.video_grid[0]  # time slots of video tokens (a tube mask repeats over them)
 
   def masks(keys: jax.Array) -> tuple[masking.Mask, masking.Mask]:
     """Audio and video masks of the examples with these keys [B]."""
@@ -93,8 +95,7 @@ def build(config: ml_collections.ConfigDict) -> Method:
     return (masking.make_mask(fold(0), model.num_audio_tokens, cfg_mask.ratio_a,
                               cfg_mask.mode_a, grid=model.audio_grid),
             masking.make_mask(fold(1), model.num_video_tokens, cfg_mask.ratio_v, cfg_mask.mode_v,
-                              grid=(model.video_grid[0], model.num_video_tokens
-                                    // model.video_grid[0])))
+                              grid=(slots, model.num_video_tokens // slots)))
 
   def batch_masks(batch: Batch, key: jax.Array) -> tuple[masking.Mask, masking.Mask]:
     return masks(masking.example_keys(key, batch["audio"].shape[0]))
