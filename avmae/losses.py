@@ -79,9 +79,14 @@ def unpatchify_clip(patches: jax.Array, tubelet: int, patch: int,
   return x.reshape(b, t * tubelet, h * patch, w * patch, c)
 
 
+def _by_channel(x: jax.Array, channels: int) -> jax.Array:
+  """[B, L, P*C] -> float32 [B, L, P, C]."""
+  return x.astype(jnp.float32).reshape(x.shape[:-1] + (-1, channels))
+
+
 def _tubelet_stats(patches: jax.Array, channels: int) -> tuple[jax.Array, jax.Array]:
   """Per-tubelet, per-channel mean and unbiased std of [B, L, P*C], each [B, L, 1, C]."""
-  x = patches.astype(jnp.float32).reshape(patches.shape[:-1] + (-1, channels))
+  x = _by_channel(patches, channels)
   return x.mean(axis=-2, keepdims=True), jnp.sqrt(x.var(axis=-2, keepdims=True, ddof=1))
 
 
@@ -89,15 +94,13 @@ def tubelet_target(patches: jax.Array, channels: int = 3) -> jax.Array:
   """VideoMAE's normalised target: each tubelet's pixels [B, L, P*C], per channel, minus
   their mean over the tubelet, over their unbiased std + 1e-6 (epsilon outside the root)."""
   mean, std = _tubelet_stats(patches, channels)
-  x = patches.astype(jnp.float32).reshape(mean.shape[:-2] + (-1, channels))
-  return ((x - mean) / (std + 1e-6)).reshape(patches.shape)
+  return ((_by_channel(patches, channels) - mean) / (std + 1e-6)).reshape(patches.shape)
 
 
 def from_tubelet_target(pred: jax.Array, patches: jax.Array, channels: int = 3) -> jax.Array:
   """Predictions of `tubelet_target` back in the units of `patches`, with their statistics."""
   mean, std = _tubelet_stats(patches, channels)
-  x = pred.astype(jnp.float32).reshape(mean.shape[:-2] + (-1, channels))
-  return (x * (std + 1e-6) + mean).reshape(pred.shape)
+  return (_by_channel(pred, channels) * (std + 1e-6) + mean).reshape(pred.shape)
 
 
 def reconstruction_loss(pred: jax.Array, target: jax.Array, mask: jax.Array,

@@ -213,8 +213,9 @@ def build_program(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   optimizer = optim.make_optimizer(config.optimizer, schedule)
   abstract, state_shardings = state_layout(config, method, optimizer, mesh)
   batch_sharding = sharding.batch_sharding(mesh, config.data.batch_axes)
+  example = jax.eval_shape(lambda: method.example_batch(config.data.batch_size))
   abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
-                    for k, v in jax.eval_shape(lambda: method.example_batch(config.data.batch_size)).items()}
+                    for k, v in example.items()}
   step = jax.jit(make_train_step(method, optimizer, schedule, config.seed,
                                  config.optimizer.accumulation_steps,
                                  sharding.num_batch_shards(mesh, config.data.batch_axes)),
