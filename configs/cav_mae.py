@@ -133,7 +133,7 @@ def _base_config(size: str) -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       audio_frames=audio_frames, mel_bins=mel_bins, image_size=image_size, mlp_ratio=4.0,
       # Recompute activations in the backward pass: "none", "full" or "dots"
-      # (avmae/models/cav_mae.py REMAT_POLICIES); same parameters, less activation memory.
+      # (avmae/models/stacks.py REMAT_POLICIES); same parameters, less activation memory.
       remat="none",
       # Each stack of identical blocks as one nn.scan (compiles one block per stack; the
       # parameters get a leading "layers" axis). Checkpoints record it; loading converts.

@@ -18,18 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from avmae import losses, masking
-from avmae.models.vit import (Block, Dense, Dtype, LayerNormParams, constrain, layer_norm,
-                              sincos_2d, sincos_3d)
-
-
-# Rematerialisation per block: "none" keeps every activation; "full" keeps only each block's
-# input and recomputes the rest in the backward pass; "dots" also keeps the matmul outputs
-# that have no batch dimension (the projections), recomputing attention and elementwise ops.
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
+from avmae.models.stacks import Stack, make_stack, run_stack
+from avmae.models.vit import Dense, Dtype, LayerNormParams, constrain, layer_norm, sincos_2d, sincos_3d
 
 
 def layer_stacks(model) -> dict[str, int]:
@@ -46,15 +36,6 @@ def video_pos_embedding(grid: tuple[int, int, int], dim: int) -> np.ndarray:
   (official CAV-MAE's)."""
   t, h, w = grid
   return sincos_2d(dim, h, w) if t == 1 else sincos_3d(dim, t, h, w)
-
-
-class _Layer(Block):
-  """A Block as a scan body: (x, emit) -> (x, the layer's output if emit else None)."""
-
-  def __call__(self, x: jax.Array, emit: bool) -> tuple[jax.Array, jax.Array | None]:
-    # The carry must keep its dtype; a block's output is its input's dtype already.
-    y = super().__call__(x, None).astype(x.dtype)
-    return y, (y if emit else None)
 
 
 def _embedding(name: str, module: nn.Module, dim: int) -> jax.Array:
@@ -82,7 +63,7 @@ class CAVMAE(nn.Module):
   num_frames: int = 1
   tubelet_size: int = 1
   dtype: Dtype = jnp.float32
-  remat: str = "none"  # a key of REMAT_POLICIES: what each block keeps for the backward pass
+  remat: str = "none"  # a key of stacks.REMAT_POLICIES: what each block keeps for the backward pass
   # One nn.scan per stack of `layer_stacks` (one compiled block, parameters with a leading
   # "layers" axis) instead of a Python loop; blocks_u (shared_depth 1) stays a loop.
   scan_layers: bool = False
@@ -128,40 +109,10 @@ class CAVMAE(nn.Module):
       return losses.unpatchify_image(patches, self.patch_size)
     return losses.unpatchify_clip(patches, self.tubelet_size, self.patch_size, self.video_grid)
 
-  def _remat(self, block: type[nn.Module]) -> type[nn.Module]:
-    if self.remat not in REMAT_POLICIES:
-      raise ValueError(f"model.remat={self.remat!r}; one of {sorted(REMAT_POLICIES)}")
-    if self.remat == "none":
-      return block
-    # Same parameter names: checkpoints do not depend on it. The second argument (`modality`
-    # of a Block, `emit` of a _Layer) is static; callers always pass it, as remat needs.
-    return nn.remat(block, policy=REMAT_POLICIES[self.remat], static_argnums=(2,))
-
-  def _blocks(self, prefix: str, depth: int, heads: int) -> list[Block]:
-    block = self._remat(Block)
-    return [block(heads, self.mlp_ratio, self.dtype, name=f"{prefix}_{i}") for i in range(depth)]
-
-  def _stack(self, prefix: str, depth: int, heads: int) -> nn.Module | list[Block]:
-    """A stack of `layer_stacks`: a Python list of blocks, or with scan_layers one scanned
-    _Layer (remat inside the scan, so each iteration recomputes only its own block)."""
-    if not self.scan_layers:
-      return self._blocks(prefix, depth, heads)
-    scanned = nn.scan(self._remat(_Layer), variable_axes={"params": 0},
-                      split_rngs={"params": True}, in_axes=nn.broadcast, length=depth,
-                      metadata_params={nn.PARTITION_NAME: "layers"})
-    return scanned(heads, self.mlp_ratio, self.dtype, name=prefix)
-
-  def _run(self, stack: nn.Module | list[Block], x: jax.Array, emit: bool = False
-           ) -> tuple[jax.Array, list[jax.Array]]:
-    """(output, every layer's output if emit else []) of a stack made by `_stack`."""
-    if not self.scan_layers:
-      layers = []
-      for block in stack:
-        x = block(x, None)
-        layers.append(x)
-      return x, layers if emit else []
-    x, ys = stack(x, emit)
-    return x, [ys[i] for i in range(ys.shape[0])] if emit else []
+  def _stack(self, name: str, depth: int, heads: int, scan: bool | None = None) -> Stack:
+    block = dict(num_heads=heads, mlp_ratio=self.mlp_ratio, dtype=self.dtype)
+    return make_stack(name, depth, block, self.remat,
+                      self.scan_layers if scan is None else scan)
 
   def setup(self):
     p, d = self.patch_size, self.embed_dim
@@ -171,7 +122,7 @@ class CAVMAE(nn.Module):
     self.modality_v = _embedding("modality_v", self, d)
     self.blocks_a = self._stack("blocks_a", self.modality_specific_depth, self.num_heads)
     self.blocks_v = self._stack("blocks_v", self.modality_specific_depth, self.num_heads)
-    self.blocks_u = self._blocks("blocks_u", self.shared_depth, self.num_heads)
+    self.blocks_u = self._stack("blocks_u", self.shared_depth, self.num_heads, scan=False)
     self.norm_a, self.norm_v, self.norm = (LayerNormParams(name=n)
                                            for n in ("norm_a", "norm_v", "norm"))
     self.decoder_embed = Dense(self.decoder_embed_dim, ("embed", None), self.dtype)
@@ -217,8 +168,8 @@ class CAVMAE(nn.Module):
     per-modality latents (shared block with the modality's norms, `norm_a`/`norm_v`) that
     the contrastive loss pools, as the official forward_encoder.
     """
-    a, _ = self._run(self.blocks_a, a)
-    v, _ = self._run(self.blocks_v, v)
+    a, _ = run_stack(self.blocks_a, a)
+    v, _ = run_stack(self.blocks_v, v)
     joint = self._shared(jnp.concatenate([a, v], axis=1), None)
     return {
         "latent": layer_norm(joint, self.norm(self.embed_dim), self.dtype),
@@ -235,8 +186,8 @@ class CAVMAE(nn.Module):
     batch = audio.shape[0]
     a, v = self.embed_visible(audio, frames, masking.keep_all(batch, self.num_audio_tokens),
                               masking.keep_all(batch, self.num_video_tokens))
-    layers_a = [a] + self._run(self.blocks_a, a, emit=True)[1]
-    layers_v = [v] + self._run(self.blocks_v, v, emit=True)[1]
+    layers_a = [a] + run_stack(self.blocks_a, a, emit=True)[1]
+    layers_v = [v] + run_stack(self.blocks_v, v, emit=True)[1]
     joint = [jnp.concatenate([x, y], axis=1) for x, y in zip(layers_a, layers_v)]
     final = {"audio": (layers_a, "a", self.norm_a), "video": (layers_v, "v", self.norm_v),
              "audio_video": (joint, None, self.norm)}
@@ -266,7 +217,7 @@ class CAVMAE(nn.Module):
     a = a + pos_a + self.decoder_modality_a.astype(self.dtype)
     v = v + pos_v + self.decoder_modality_v.astype(self.dtype)
     x = jnp.concatenate([a, v], axis=1)
-    x, _ = self._run(self.decoder_blocks, x)
+    x, _ = run_stack(self.decoder_blocks, x)
     x = layer_norm(x, self.decoder_norm(self.decoder_embed_dim), self.dtype)
     return (self.decoder_pred_a(x[:, :self.num_audio_tokens]),
             self.decoder_pred_v(x[:, self.num_audio_tokens:]))

@@ -65,12 +65,14 @@ class Dense(nn.Module):
   features: int
   kernel_axes: tuple[str | None, str | None]
   dtype: Dtype = jnp.float32
+  kernel_init: Any = xavier()
+  bias_init: Any = nn.initializers.zeros
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    kernel = self.param("kernel", nn.with_logical_partitioning(xavier(), self.kernel_axes),
+    kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
                         (x.shape[-1], self.features), jnp.float32)
-    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
+    bias = self.param("bias", nn.with_logical_partitioning(self.bias_init,
                                                            self.kernel_axes[1:]),
                       (self.features,), jnp.float32)
     x = x.astype(self.dtype)
@@ -90,13 +92,14 @@ class LayerNormParams(nn.Module):
     return scale, bias
 
 
-def layer_norm(x: jax.Array, params: tuple[jax.Array, jax.Array], dtype: Dtype) -> jax.Array:
+def layer_norm(x: jax.Array, params: tuple[jax.Array, jax.Array], dtype: Dtype,
+               eps: float = LN_EPS) -> jax.Array:
   """LayerNorm with float32 statistics, output in `dtype`."""
   scale, bias = params
   x32 = x.astype(jnp.float32)
   mean = x32.mean(-1, keepdims=True)
   var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-  return ((x32 - mean) * jax.lax.rsqrt(var + LN_EPS) * scale + bias).astype(dtype)
+  return ((x32 - mean) * jax.lax.rsqrt(var + eps) * scale + bias).astype(dtype)
 
 
 # On a CPU, attention scores beyond this many bytes are computed in blocks of queries: about
@@ -147,16 +150,19 @@ class Attention(nn.Module):
   """Multi-head self-attention; fused qkv kernel [embed, 3, heads, head_dim]."""
   num_heads: int
   dtype: Dtype = jnp.float32
+  # Xavier over the fused [embed, 3 * embed] matrix (timm, CAV-MAE), or over each of q, k
+  # and v alone (flax's attention, scenic).
+  fused_qkv_init: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     dim = x.shape[-1]
     head_dim = dim // self.num_heads
     qkv_axes = ("embed", None, "heads", "head_dim")
-    # Xavier over the fused [embed, 3 * embed] matrix, as the reference initialises qkv.
+    qkv_init = (xavier(in_axis=0, out_axis=(1, 2, 3)) if self.fused_qkv_init
+                else xavier(in_axis=0, out_axis=(2, 3), batch_axis=(1,)))
     qkv_kernel = self.param(
-        "qkv_kernel", nn.with_logical_partitioning(xavier(in_axis=0, out_axis=(1, 2, 3)),
-                                                   qkv_axes),
+        "qkv_kernel", nn.with_logical_partitioning(qkv_init, qkv_axes),
         (dim, 3, self.num_heads, head_dim), jnp.float32)
     qkv_bias = self.param("qkv_bias", nn.with_logical_partitioning(nn.initializers.zeros,
                                                                    qkv_axes[1:]),
@@ -179,34 +185,46 @@ class Attention(nn.Module):
 class Mlp(nn.Module):
   hidden: int
   dtype: Dtype = jnp.float32
+  approximate_gelu: bool = False  # exact (torch's default) or tanh (flax's default)
+  bias_init: Any = nn.initializers.zeros
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    h = Dense(self.hidden, ("embed", "mlp"), self.dtype, name="fc1")(x)
-    h = constrain(nn.gelu(h, approximate=False), "batch", "tokens", "act_mlp")  # exact GELU
-    return Dense(x.shape[-1], ("mlp", "embed"), self.dtype, name="fc2")(h)
+    h = Dense(self.hidden, ("embed", "mlp"), self.dtype, bias_init=self.bias_init, name="fc1")(x)
+    h = constrain(nn.gelu(h, approximate=self.approximate_gelu), "batch", "tokens", "act_mlp")
+    return Dense(x.shape[-1], ("mlp", "embed"), self.dtype, bias_init=self.bias_init,
+                 name="fc2")(h)
 
 
 class Block(nn.Module):
-  """Pre-norm transformer block with three LayerNorm pairs: shared (`norm1`, `norm2`) and
-  per modality (`norm1_a`/`norm2_a`, `norm1_v`/`norm2_v`), as CAV-MAE's blocks.
+  """Pre-norm transformer block with a shared LayerNorm pair (`norm1`, `norm2`) and, with
+  `modality_norms`, one pair per modality (`norm1_a`/`norm2_a`, `norm1_v`/`norm2_v`), as
+  CAV-MAE's blocks.
 
   `modality` None uses the shared pair; "a" or "v" the modality's (CAV-MAE's shared block
-  applied to one modality alone).
+  applied to one modality alone). The defaults are CAV-MAE's (timm's); scenic's ViT blocks
+  (AV-MAE) take LN eps 1e-6, tanh GELU, per-projection qkv init and MLP biases ~ N(0, 1e-6).
   """
   num_heads: int
   mlp_ratio: float
   dtype: Dtype = jnp.float32
+  modality_norms: bool = True
+  ln_eps: float = LN_EPS
+  approximate_gelu: bool = False
+  fused_qkv_init: bool = True
+  mlp_bias_init: Any = nn.initializers.zeros
 
   @nn.compact
   def __call__(self, x: jax.Array, modality: str | None = None) -> jax.Array:
     dim = x.shape[-1]
+    names = ("norm1", "norm1_a", "norm1_v", "norm2", "norm2_a", "norm2_v")
     norms = {name: LayerNormParams(name=name)(dim)
-             for name in ("norm1", "norm1_a", "norm1_v", "norm2", "norm2_a", "norm2_v")}
+             for name in (names if self.modality_norms else ("norm1", "norm2"))}
     suffix = "" if modality is None else f"_{modality}"
     x = constrain(x, "batch", "tokens", "act_embed")
-    x = x + Attention(self.num_heads, self.dtype, name="attn")(
-        layer_norm(x, norms["norm1" + suffix], self.dtype))
-    x = x + Mlp(int(dim * self.mlp_ratio), self.dtype, name="mlp")(
-        layer_norm(x, norms["norm2" + suffix], self.dtype))
+    x = x + Attention(self.num_heads, self.dtype, self.fused_qkv_init, name="attn")(
+        layer_norm(x, norms["norm1" + suffix], self.dtype, self.ln_eps))
+    x = x + Mlp(int(dim * self.mlp_ratio), self.dtype, self.approximate_gelu,
+                self.mlp_bias_init, name="mlp")(
+        layer_norm(x, norms["norm2" + suffix], self.dtype, self.ln_eps))
     return constrain(x, "batch", "tokens", "act_embed")
