@@ -10,6 +10,7 @@ from __future__ import annotations
 import ml_collections
 
 from avmae import masking
+from avmae.models import av_mae
 
 
 def block_flops(tokens: int, width: int, mlp_ratio: float) -> float:
@@ -47,3 +48,29 @@ def cav_mae_train_step_flops(config: ml_collections.ConfigDict) -> float:
   batch = config.data.batch_size
   contrastive = 2 * batch * batch * config.model.embed_dim  # similarity matrix
   return 3.0 * (batch * cav_mae_forward_flops(config.model, config.masking) + contrastive)
+
+
+def av_mae_forward_flops(model: ml_collections.ConfigDict,
+                         mask: ml_collections.ConfigDict) -> float:
+  """FLOPs of one example's forward pass of the Audiovisual MAE pretraining model: each
+  stack of its encoder and decoder strategies (avmae/models/av_mae.py) on its tokens."""
+  p, d, dd = model.patch_size, model.embed_dim, model.decoder_embed_dim
+  tokens = {"a": (model.audio_frames // p) * (model.mel_bins // p),
+            "v": (model.num_frames // model.tubelet_size) * (model.image_size // p) ** 2}
+  values = {"a": p * p, "v": model.tubelet_size * p * p * 3}
+  keep = {"a": av_mae.num_visible(tokens["a"], mask.ratio_a),
+          "v": av_mae.num_visible(tokens["v"], mask.ratio_v)}
+  blocks = lambda n, width: block_flops(n, width, model.mlp_ratio)
+  stacks = av_mae.layer_stacks(model)
+
+  def tower(strategy, counts, width):
+    alone, joint = strategy
+    total = sum(stacks[alone.format(m=m)] * blocks(n, width) for m, n in counts.items()
+                ) if alone else 0.0
+    return total + (stacks[joint] * blocks(sum(counts.values()), width) if joint else 0.0)
+
+  encoder = tower(av_mae.ENCODERS[model.encoder_strategy], keep, d)
+  decoder = tower(av_mae.DECODERS[model.decoder_strategy], tokens, dd)
+  embeds = sum(2 * keep[m] * (values[m] * d + d * dd) + 2 * tokens[m] * dd * values[m]
+               for m in tokens)  # patch embedding, decoder projection, output head
+  return float(encoder + decoder + embeds)

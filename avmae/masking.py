@@ -46,10 +46,13 @@ def _uniform(keys: jax.Array, size: int) -> jax.Array:
   return jax.vmap(lambda k: jax.random.uniform(k, (size,)))(keys)
 
 
-def random_mask(keys: jax.Array, num_tokens: int, mask_ratio: float) -> Mask:
-  """Unstructured masking: a uniformly random subset of K tokens per sample stays visible."""
+def random_mask(keys: jax.Array, num_tokens: int, mask_ratio: float,
+                num_keep: int | None = None) -> Mask:
+  """Unstructured masking: a uniformly random subset of K tokens per sample stays visible,
+  K = `num_keep`, by default `num_visible(num_tokens, mask_ratio)`."""
   noise = _uniform(keys, num_tokens)
-  return _mask_from_noise(noise, num_visible(num_tokens, mask_ratio))
+  return _mask_from_noise(noise, num_visible(num_tokens, mask_ratio) if num_keep is None
+                          else num_keep)
 
 
 def _random_lines(noise: jax.Array, count: int) -> jax.Array:

@@ -42,14 +42,41 @@ def plot_clips(clips: Sequence[dict[str, Any]], path: str, frame_shift_s: float 
   plt.close(fig)
 
 
-def _frame_for_display(frame: np.ndarray) -> np.ndarray:
+def _frame_for_display(frame: np.ndarray, kind: str) -> np.ndarray:
   from avmae.data.augment import IMAGE_MEAN, IMAGE_STD
-  return np.clip(frame * IMAGE_STD + IMAGE_MEAN, 0, 1)
+  rgb = frame * IMAGE_STD + IMAGE_MEAN if kind == "image" else (frame + 1) / 2
+  return np.clip(rgb, 0, 1)
 
 
-# (column title, "spectrogram" [B, T, F] or "image" [B, H, W, 3] normalised, the arrays,
-# a mask of the same shape shown shaded where > 0, or None)
+# (column title, "spectrogram" [B, T, F], or [B, H, W, 3] "image" normalised with the
+# ImageNet statistics or "image_pm1" scaled to [-1, 1], the arrays, a mask of the same shape
+# shown shaded where > 0, or None)
 Panel = tuple[str, str, Any, Any]
+
+
+def audio_video_panels(images: dict[str, Any], image_kind: str = "image", max_times: int = 3
+                       ) -> list[Panel]:
+  """The panels of an audio-visual reconstruction: spectrogram and frame, each as input,
+  masked input and reconstruction, from arrays under "audio", "audio_masked",
+  "audio_reconstruction", "audio_mask" and the same of "frames". A clip [B, T, H, W, 3]
+  shows up to `max_times` evenly spaced frames of each."""
+  panels = [("input", "spectrogram", images["audio"], None),
+            ("masked", "spectrogram", images["audio_masked"], images["audio_mask"]),
+            ("reconstruction", "spectrogram", images["audio_reconstruction"], None)]
+  frames = images["frames"]
+  if frames.ndim == 4:
+    take, times = (lambda x, t: x), [None]
+  else:
+    take = lambda x, t: x[:, t]
+    times = sorted(set(np.linspace(0, frames.shape[1] - 1, max_times).round().astype(int)))
+  for heading, key, mask_key in (("frame", "frames", None),
+                                 ("masked", "frames_masked", "frames_mask"),
+                                 ("reconstruction", "frames_reconstruction", None)):
+    for t in times:
+      mask = None if mask_key is None else take(images[mask_key], t)
+      label = heading if t is None else f"{heading} t{t}"
+      panels.append((label, image_kind, take(images[key], t), mask))
+  return panels
 
 
 def plot_reconstructions(panels: Sequence[Panel], path: str, title: str = "",
@@ -71,7 +98,7 @@ def plot_reconstructions(panels: Sequence[Panel], path: str, title: str = "",
         x = x if mask is None else np.where(mask[r] > 0, np.nan, x)
         ax.imshow(x.T, origin="lower", aspect="auto", cmap="magma", vmin=lo, vmax=hi)
       else:
-        x = _frame_for_display(x)
+        x = _frame_for_display(x, kind)
         ax.imshow(x if mask is None else np.where(mask[r] > 0, 0.5, x))
       ax.set_xticks([])
       ax.set_yticks([])

@@ -40,28 +40,30 @@ _BLOCK_NORMS = ("norm1", "norm1_a", "norm1_v")
 _BLOCK_NORMS2 = ("norm2", "norm2_a", "norm2_v")
 
 
-def _linear(p: Params) -> dict[str, np.ndarray]:
+def linear_state_dict(p: Params) -> dict[str, np.ndarray]:
   return {"weight": np.asarray(p["kernel"]).T, "bias": np.asarray(p["bias"])}
 
 
-def _norm(p: Params) -> dict[str, np.ndarray]:
+def norm_state_dict(p: Params) -> dict[str, np.ndarray]:
   return {"weight": np.asarray(p["scale"]), "bias": np.asarray(p["bias"])}
 
 
-def _block(p: Params) -> dict[str, np.ndarray]:
+def block_state_dict(p: Params) -> dict[str, np.ndarray]:
+  """A vit.Block's parameters as the timm / official block's state_dict (the modality norms
+  only where the block has them)."""
   out: dict[str, np.ndarray] = {}
-  for name in _BLOCK_NORMS:
-    out.update({f"{name}.{k}": v for k, v in _norm(p[name]).items()})
+  for name in (n for n in _BLOCK_NORMS if n in p):
+    out.update({f"{name}.{k}": v for k, v in norm_state_dict(p[name]).items()})
   qkv = np.asarray(p["attn"]["qkv_kernel"])  # [D, 3, H, Dh]
   dim = qkv.shape[0]
   out["attn.qkv.weight"] = qkv.reshape(dim, -1).T
   out["attn.qkv.bias"] = np.asarray(p["attn"]["qkv_bias"]).reshape(-1)
   out["attn.proj.weight"] = np.asarray(p["attn"]["out_kernel"]).reshape(-1, dim).T
   out["attn.proj.bias"] = np.asarray(p["attn"]["out_bias"])
-  for name in _BLOCK_NORMS2:
-    out.update({f"{name}.{k}": v for k, v in _norm(p[name]).items()})
+  for name in (n for n in _BLOCK_NORMS2 if n in p):
+    out.update({f"{name}.{k}": v for k, v in norm_state_dict(p[name]).items()})
   for fc in ("fc1", "fc2"):
-    out.update({f"mlp.{fc}.{k}": v for k, v in _linear(p["mlp"][fc]).items()})
+    out.update({f"mlp.{fc}.{k}": v for k, v in linear_state_dict(p["mlp"][fc]).items()})
   return out
 
 
@@ -101,16 +103,16 @@ def _pretrain_layout(params: Params, model: Any) -> dict[str, np.ndarray]:
   sd["patch_embed_v.proj.bias"] = np.asarray(params["patch_embed_v"]["bias"])
   for stack in ("blocks_a", "blocks_v", "blocks_u"):
     for i in range(_count(params, stack)):
-      sd.update({f"{stack}.{i}.{k}": v for k, v in _block(params[f"{stack}_{i}"]).items()})
+      sd.update({f"{stack}.{i}.{k}": v for k, v in block_state_dict(params[f"{stack}_{i}"]).items()})
   for name in ("norm_a", "norm_v", "norm"):
-    sd.update({f"{name}.{k}": v for k, v in _norm(params[name]).items()})
-  sd.update({f"decoder_embed.{k}": v for k, v in _linear(params["decoder_embed"]).items()})
+    sd.update({f"{name}.{k}": v for k, v in norm_state_dict(params[name]).items()})
+  sd.update({f"decoder_embed.{k}": v for k, v in linear_state_dict(params["decoder_embed"]).items()})
   for i in range(_count(params, "decoder_blocks")):
     sd.update({f"decoder_blocks.{i}.{k}": v
-               for k, v in _block(params[f"decoder_blocks_{i}"]).items()})
-  sd.update({f"decoder_norm.{k}": v for k, v in _norm(params["decoder_norm"]).items()})
+               for k, v in block_state_dict(params[f"decoder_blocks_{i}"]).items()})
+  sd.update({f"decoder_norm.{k}": v for k, v in norm_state_dict(params["decoder_norm"]).items()})
   for name in ("decoder_pred_a", "decoder_pred_v"):
-    sd.update({f"{name}.{k}": v for k, v in _linear(params[name]).items()})
+    sd.update({f"{name}.{k}": v for k, v in linear_state_dict(params[name]).items()})
   return {k: np.ascontiguousarray(v, np.float32) for k, v in sd.items()}
 
 

@@ -67,7 +67,9 @@ def export(workdir: str, out: str, fmt: str = "", step: int | None = None,
   written = []
   for suffix, state_dict, extra in method.export(params, fmt, options):
     path = f"{stem}{suffix}{ext}"
-    files.save(path, state_dict, dict(meta, **extra))
+    # A method's own preprocessing facts (e.g. its pixel scaling) add to the shared ones.
+    preprocessing = {**meta["preprocessing"], **extra.get("preprocessing", {})}
+    files.save(path, state_dict, {**meta, **extra, "preprocessing": preprocessing})
     written.append(path)
     print(f"wrote {path} ({os.path.getsize(path) / 2**20:.1f} MiB) and {path}.json", flush=True)
   return written

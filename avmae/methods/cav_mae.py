@@ -7,36 +7,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from avmae import flops, losses, masking, plots
 from avmae.data.augment import normalize_image
 from avmae.export import cav_mae_layout
 from avmae.methods.method import Batch, Check, Method
 from avmae.models.cav_mae import CAVMAE
-
-
-def plot_reconstructions(images: dict[str, Any], path: str, title: str, max_times: int = 3
-                         ) -> None:
-  """Spectrogram and frame, each as input, masked input and reconstruction; a clip shows
-  up to `max_times` evenly spaced frames of each."""
-  panels = [("input", "spectrogram", images["audio"], None),
-            ("masked", "spectrogram", images["audio_masked"], images["audio_mask"]),
-            ("reconstruction", "spectrogram", images["audio_reconstruction"], None)]
-  frames = images["frames"]
-  if frames.ndim == 4:
-    take, times = (lambda x, t: x), [None]
-  else:
-    take = lambda x, t: x[:, t]
-    times = sorted(set(np.linspace(0, frames.shape[1] - 1, max_times).round().astype(int)))
-  for heading, key, mask_key in (("frame", "frames", None),
-                                 ("masked", "frames_masked", "frames_mask"),
-                                 ("reconstruction", "frames_reconstruction", None)):
-    for t in times:
-      mask = None if mask_key is None else take(images[mask_key], t)
-      label = heading if t is None else f"{heading} t{t}"
-      panels.append((label, "image", take(images[key], t), mask))
-  plots.plot_reconstructions(panels, path, title)
 
 
 def config_checks(config: ml_collections.ConfigDict, info: dict[str, Any],
@@ -181,7 +157,8 @@ def build(config: ml_collections.ConfigDict) -> Method:
     return images
 
   return Method(model=model, init=init, loss_fn=loss_fn, reconstruct=reconstruct,
-                plot_reconstructions=plot_reconstructions,
+                plot_reconstructions=lambda images, path, title: plots.plot_reconstructions(
+                    plots.audio_video_panels(images), path, title),
                 train_step_flops=flops.cav_mae_train_step_flops(config), masks=masks,
                 example_batch=example_batch,
                 config_checks=lambda info, mesh: config_checks(config, info, mesh),

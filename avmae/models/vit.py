@@ -36,6 +36,18 @@ def sincos_1d(embed_dim: int, length: int) -> np.ndarray:
   return np.concatenate([np.sin(out), np.cos(out)], axis=1).astype(np.float32)
 
 
+def sincos_1d_interleaved(embed_dim: int, length: int) -> np.ndarray:
+  """[length, embed_dim]: sin of position * exp(-k ln(1e4) / D) in the even channels, cos in
+  the odd ones (k = 0, 2, 4, ...), as scenic's fixed 1-D embedding (AV-MAE)."""
+  if embed_dim % 2:
+    raise ValueError(f"sin-cos position embedding needs an even embed_dim, got {embed_dim}")
+  rate = np.exp(np.arange(0, embed_dim, 2) * -(np.log(10000.0) / embed_dim))
+  angle = np.arange(length)[:, None] * rate
+  out = np.zeros((length, embed_dim), np.float32)
+  out[:, 0::2], out[:, 1::2] = np.sin(angle), np.cos(angle)
+  return out
+
+
 def sincos_2d(embed_dim: int, grid_h: int, grid_w: int) -> np.ndarray:
   """Fixed 2-D sin-cos position embedding [grid_h * grid_w, embed_dim], token m = h*W + w.
 
