@@ -80,10 +80,10 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-  def __init__(self, dim: int, hidden: int):
+  def __init__(self, dim: int, hidden: int, approximate: str = "none"):
     super().__init__()
     self.fc1 = nn.Linear(dim, hidden)
-    self.act = nn.GELU()  # exact (erf)
+    self.act = nn.GELU(approximate=approximate)  # "none": exact (erf), CAV-MAE's
     self.fc2 = nn.Linear(hidden, dim)
 
   def forward(self, x: torch.Tensor) -> torch.Tensor:

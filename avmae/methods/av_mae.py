@@ -19,7 +19,7 @@ import numpy as np
 
 from avmae import checkpoint, flops, losses, masking, plots
 from avmae.export import cav_mae_layout
-from avmae.methods.method import Batch, Check, Method
+from avmae.methods.method import Batch, Check, Method, raise_failed
 from avmae.models.av_mae import AVMAE, DECODERS, ENCODERS, MODALITIES, num_visible
 
 # The names of the batch's inputs per modality, and in the pictures.
@@ -31,12 +31,20 @@ def scale_pixels(frames: jax.Array) -> jax.Array:
   return frames.astype(jnp.float32) / 127.5 - 1.0
 
 
+def strategy_checks(m: ml_collections.ConfigDict) -> list[Check]:
+  """Known strategies (checked first: the model cannot be built without them)."""
+  return [(m.encoder_strategy in ENCODERS, "model.encoder_strategy",
+           f"{m.encoder_strategy!r}; one of {sorted(ENCODERS)}"),
+          (m.decoder_strategy in DECODERS, "model.decoder_strategy",
+           f"{m.decoder_strategy!r}; one of {sorted(DECODERS)}")]
+
+
 def config_checks(config: ml_collections.ConfigDict, info: dict[str, Any],
                   mesh: jax.sharding.Mesh) -> list[Check]:
   """The model's geometry against the data, its strategies, widths against the mesh axes."""
   m, d = config.model, config.data
   mid_fusion = m.encoder_strategy == "separate_encoders_and_concat"
-  checks = [
+  checks = strategy_checks(m) + [
       (m.audio_frames == d.audio_frames, "model.audio_frames",
        f"{m.audio_frames} differs from data.audio_frames={d.audio_frames}"),
       (m.image_size == d.image_size, "model.image_size",
@@ -49,10 +57,6 @@ def config_checks(config: ml_collections.ConfigDict, info: dict[str, Any],
        f"{m.patch_size} does not divide model.image_size={m.image_size}"),
       (m.num_frames % m.tubelet_size == 0, "model.tubelet_size",
        f"{m.tubelet_size} does not divide model.num_frames={m.num_frames}"),
-      (m.encoder_strategy in ENCODERS, "model.encoder_strategy",
-       f"{m.encoder_strategy!r}; one of {sorted(ENCODERS)}"),
-      (m.decoder_strategy in DECODERS, "model.decoder_strategy",
-       f"{m.decoder_strategy!r}; one of {sorted(DECODERS)}"),
       # Two MAEs that never meet, refused by the official config too.
       (not (m.encoder_strategy == "separate_encoders"
             and m.decoder_strategy == "separate_decoders"), "model.decoder_strategy",
@@ -107,6 +111,7 @@ def _state_dict(params: dict[str, Any], model: AVMAE) -> dict[str, np.ndarray]:
 
 
 def build(config: ml_collections.ConfigDict) -> Method:
+  raise_failed(strategy_checks(config.model))
   model = AVMAE(**config.model, dtype=jnp.dtype(config.dtype))
   ratios = {"a": config.masking.ratio_a, "v": config.masking.ratio_v}
   weights = {"a": config.loss.weight_a, "v": config.loss.weight_v}
