@@ -2,14 +2,15 @@
 saved step and a random init of the same shape; prints one line per step (top-1 per mode,
 retrieval R@1 both ways and R@10 audio->video).
 
-    python experiments/learning_signal/run.py --name NAME --data_seed 1 --size demo \
-        [--data num_train=512] [--set loss.temperature=0.1] [--probe layer=weighted]
+    python experiments/learning_signal/run.py --name NAME --data_seed 1 [--method av_mae] \
+        --size demo [--data num_train=512] [--set loss.temperature=0.1] [--probe layer=weighted]
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import importlib
 import json
 import os
 import time
@@ -38,6 +39,7 @@ def main() -> None:
   ap = argparse.ArgumentParser()
   ap.add_argument("--name", required=True)
   ap.add_argument("--root", default="/tmp/learning_signal")
+  ap.add_argument("--method", default="cav_mae", help="the config module configs/METHOD.py")
   ap.add_argument("--size", default="tiny")
   ap.add_argument("--data_seed", type=int, default=0)
   ap.add_argument("--data", action="append", default=[], help="make_synthetic key=value")
@@ -51,7 +53,7 @@ def main() -> None:
   data_dir = os.path.join(args.root, f"data_s{args.data_seed}{'_' + tag if tag else ''}")
   if not os.path.exists(os.path.join(data_dir, "dataset_info.json")):
     make_synthetic.make_synthetic(data_dir, seed=args.data_seed, **kwargs)
-  config = cav_mae.get_config(args.size)
+  config = importlib.import_module(f"configs.{args.method}").get_config(args.size)
   config.data.dir = data_dir
   cav_mae.override(config, _parse(args.set))
   workdir = os.path.join(args.root, "runs", args.name)
