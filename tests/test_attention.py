@@ -65,3 +65,20 @@ def test_the_platform_picks_the_attention(monkeypatch):
   assert "while" not in tpu and "while" not in reference
   fusions = lambda text: sorted(re.findall(r"= \S+ (fusion|convolution|dot)\(", text))
   assert fusions(tpu) == fusions(reference)
+
+
+def test_the_gpu_branch_traces_and_falls_back_where_cudnn_cannot(monkeypatch):
+  """Here no cuDNN answers: gpu_attention is jax.nn's XLA path; a process that reports a GPU
+  traces the cuDNN branch too, and the step lowered for this CPU still runs cpu_attention."""
+  q, k, v, _ = _qkv(2, 24, 2, 16, jnp.bfloat16)
+  ref = jax.nn.dot_product_attention(q, k, v)
+  np.testing.assert_array_equal(jax.jit(vit.gpu_attention)(q, k, v), ref)
+  with pytest.raises(RuntimeError, match="cuDNN"):  # what the fallback catches
+    jax.jit(lambda *a: jax.nn.dot_product_attention(*a, implementation="cudnn"))(q, k, v)
+  traced = []
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(vit, "gpu_attention", lambda *a: traced.append(1) or ref)
+  out = jax.jit(lambda *a: vit.dot_product_attention(*a))(q, k, v)
+  assert traced == [1]
+  np.testing.assert_allclose(out.astype(np.float32), vit.cpu_attention(q, k, v).astype(
+      np.float32), atol=1e-2)

@@ -148,14 +148,28 @@ def cpu_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   return y.swapaxes(0, 1).reshape(batch, blocks * size, heads, -1)[:, :tokens]
 
 
+def gpu_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """jax.nn.dot_product_attention's fused cuDNN kernel (flash attention: the [T, T] scores
+  never reach HBM) where cuDNN takes the inputs (bfloat16 or float16, head sizes it
+  supports); its XLA path otherwise. The choice is made while tracing."""
+  try:
+    return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+  except (RuntimeError, ValueError, NotImplementedError):  # no cuDNN, or inputs it refuses
+    return jax.nn.dot_product_attention(q, k, v)
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   """softmax(q k^T / sqrt(head_dim)) v over [B, T, heads, head_dim], softmax in float32.
 
   Chosen by the platform the step is lowered for (an AOT compile for a TPU takes the TPU's):
-  `cpu_attention` on a CPU, jax.nn.dot_product_attention's XLA path elsewhere. The two agree
-  to float32 rounding (tests/test_attention.py)."""
-  return jax.lax.platform_dependent(q, k, v, cpu=cpu_attention,
-                                    default=jax.nn.dot_product_attention)
+  `cpu_attention` on a CPU, `gpu_attention` on an NVIDIA GPU, jax.nn.dot_product_attention's
+  XLA path elsewhere (jax.nn has no fused TPU kernel). They agree to rounding
+  (tests/test_attention.py)."""
+  branches = {"cpu": cpu_attention, "default": jax.nn.dot_product_attention}
+  # Every branch is traced; the cuDNN one only where this process has a GPU to ask.
+  if jax.default_backend() == "gpu":
+    branches["cuda"] = gpu_attention
+  return jax.lax.platform_dependent(q, k, v, **branches)
 
 
 class Attention(nn.Module):
