@@ -210,3 +210,18 @@ def test_analytic_flops_agree_with_xla():
   xla = forward.cost_analysis()["flops"]
   analytic = 4 * flops.av_mae_forward_flops(config.model, config.masking)
   assert 0.9 < xla / analytic < 1.3, (xla, analytic)
+
+
+@pytest.mark.parametrize("size", av_mae_config.MODEL_SIZES)
+def test_every_size_builds_and_large_is_the_released_recipe(size):
+  config = av_mae_config.get_config(size)
+  config.lock()
+  method = av_mae_method.build(config)
+  shapes = jax.eval_shape(lambda: method.init(jax.random.key(0), method.example_batch(2)))
+  assert jax.tree.leaves(shapes)
+  if size == "large":
+    assert (config.data.batch_size, config.optimizer.learning_rate, config.optimizer.warmup_steps,
+            config.total_steps) == (512, 6e-4, 4 * 3627, 120 * 3627)
+    assert (config.data.num_frames, config.data.frame_stride, config.data.audio_frames) == (
+        16, 4, 1000)
+    assert (config.masking.ratio_a, config.masking.ratio_v) == (0.7, 0.9)
