@@ -79,7 +79,10 @@ def _base_config(size: str) -> ml_collections.ConfigDict:
       remat="none", scan_layers=False,  # as configs/cav_mae.py
       **MODEL_SIZES[size]))
   c.masking = ml_collections.ConfigDict(dict(ratio_a=0.7, ratio_v=0.9))
-  c.loss = ml_collections.ConfigDict(dict(weight_a=0.5, weight_v=0.5))
+  # standardise_per_patch: each target patch minus its mean over its (biased) std + 1e-6
+  # inside the root, both modalities (official's option; off in the released configs).
+  c.loss = ml_collections.ConfigDict(dict(weight_a=0.5, weight_v=0.5,
+                                          standardise_per_patch=False))
   c.optimizer = ml_collections.ConfigDict(dict(
       name="adamw", learning_rate=3e-4 * batch / 256 if official else 1e-3,
       b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.05,

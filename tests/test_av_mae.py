@@ -128,8 +128,10 @@ def test_released_layer_stacks_and_parameter_count():
   assert count == expected, (count, expected)
 
 
-def test_loss_is_the_official_masked_per_element_mse():
+@pytest.mark.parametrize("standardise", [False, True])
+def test_loss_is_the_official_masked_per_element_mse(standardise):
   config = _config(inpainting=False)
+  config.loss.standardise_per_patch = standardise
   method = av_mae_method.build(config)
   batch = _batch(config, seed=1)
   params = method.init(jax.random.key(0), batch)["params"]
@@ -152,6 +154,9 @@ def test_loss_is_the_official_masked_per_element_mse():
   expected = {}
   for name, target, pred, mask in (("a", target_a, out["pred_a"], mask_a),
                                    ("v", target_v, out["pred_v"], mask_v)):
+    if standardise:  # jax.nn.standardize(axis=-1, epsilon=1e-6): biased variance
+      target = (target - target.mean(-1, keepdims=True)) / np.sqrt(
+          target.var(-1, keepdims=True) + 1e-6)
     err = ((np.asarray(pred, np.float64) - target) ** 2).sum(-1)
     w = np.asarray(mask.mask, np.float64)
     expected[name] = (err * w).sum() / (w.sum() + 1e-8) / target.shape[-1]

@@ -2,7 +2,8 @@
 the video clip, no contrastive term, as the official scenic code (docs/av_mae_reference.md).
 
 Official in the details: random masks of int(ratio * L) tokens per modality; pixels in
-[-1, 1] and the raw (dataset-normalised) log-mel as targets, not normalised per patch; per
+[-1, 1] and the raw (dataset-normalised) log-mel as targets, not normalised per patch
+(loss.standardise_per_patch, off in the released configs, standardises each); per
 modality the squared error over masked tokens, per element (the mean over patch values),
 weighted 0.5 / 0.5. The official `sum / (count + 1e-8)` differs from our masked mean by
 1e-8 / count relative, below float32 resolution.
@@ -115,6 +116,7 @@ def build(config: ml_collections.ConfigDict) -> Method:
   model = AVMAE(**config.model, dtype=jnp.dtype(config.dtype))
   ratios = {"a": config.masking.ratio_a, "v": config.masking.ratio_v}
   weights = {"a": config.loss.weight_a, "v": config.loss.weight_v}
+  standardise = config.loss.standardise_per_patch
 
   def masks(keys: jax.Array) -> tuple[masking.Mask, masking.Mask]:
     """Spectrogram and video masks of the examples with these keys [B]: official's random
@@ -144,14 +146,28 @@ def build(config: ml_collections.ConfigDict) -> Method:
                        method="features")
 
   def forward(params, batch, mask_a, mask_v):
-    frames = scale_pixels(batch["frames"])
-    out = model.apply({"params": params}, batch["audio"], frames, mask_a, mask_v)
-    return out, model.patchify(batch["audio"], frames), frames
+    """(model outputs, patches of the input per modality, predictions in the patches' units:
+    with loss.standardise_per_patch the model predicts each patch standardised, mapped back
+    with the patch's own mean and (biased) std, as MAE pictures do)."""
+    out = model.apply({"params": params}, batch["audio"], scale_pixels(batch["frames"]),
+                      mask_a, mask_v)
+    patches = model.patchify(batch["audio"], scale_pixels(batch["frames"]))
+    preds = {m: out[f"pred_{m}"].astype(jnp.float32) for m in MODALITIES}
+    if standardise:
+      preds = {m: preds[m] * jnp.sqrt(patches[m].var(-1, keepdims=True) + 1e-6)
+               + patches[m].mean(-1, keepdims=True) for m in MODALITIES}
+    return out, patches, preds
+
+  def targets_of(patches: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    if not standardise:
+      return patches
+    return {m: jax.nn.standardize(x, axis=-1, epsilon=1e-6) for m, x in patches.items()}
 
   def loss_fn(params: Any, batch: Batch, keys: jax.Array):
     """(params, batch, one key per example) -> (loss, metrics); every term in float32."""
     mask_a, mask_v = masks(keys)
-    out, targets, _ = forward(params, batch, mask_a, mask_v)
+    out, patches, _ = forward(params, batch, mask_a, mask_v)
+    targets = targets_of(patches)
     counted = model.prediction_masks({"a": mask_a, "v": mask_v})
     rec = {m: losses.reconstruction_loss(out[f"pred_{m}"], targets[m], counted[m],
                                          norm_pix=False, valid=batch["valid"])
@@ -164,14 +180,13 @@ def build(config: ml_collections.ConfigDict) -> Method:
     the input elsewhere) for `plots.audio_video_panels`."""
     mask_a, mask_v = batch_masks(batch, key)
     masks_ = {"a": mask_a, "v": mask_v}
-    out, targets, frames = forward(params, batch, mask_a, mask_v)
+    _, patches, preds = forward(params, batch, mask_a, mask_v)
     counted = model.prediction_masks(masks_)
-    pieces = {"": targets,
-              "_masked": {m: targets[m] * (1 - masks_[m].mask[..., None]) for m in MODALITIES},
-              "_reconstruction": {m: jnp.where(counted[m][..., None] > 0,
-                                               out[f"pred_{m}"].astype(jnp.float32), targets[m])
+    pieces = {"": patches,
+              "_masked": {m: patches[m] * (1 - masks_[m].mask[..., None]) for m in MODALITIES},
+              "_reconstruction": {m: jnp.where(counted[m][..., None] > 0, preds[m], patches[m])
                                   for m in MODALITIES},
-              "_mask": {m: jnp.broadcast_to(masks_[m].mask[..., None], targets[m].shape)
+              "_mask": {m: jnp.broadcast_to(masks_[m].mask[..., None], patches[m].shape)
                         for m in MODALITIES}}
     images = {}
     for suffix, patches in pieces.items():
