@@ -1,14 +1,14 @@
 """Does CAV-MAE base / large fit a TPU pod, and what does a step cost? Compiled, not guessed.
 
-    python experiments/benchmarks/pod_fit.py [--sizes=base,large] \
+    python experiments/benchmarks/pod_fit.py [--sizes=base,large,av_mae:large] \
         [--topologies=v4-32,v5e-256,v5p-128,v6e-256] [--slices=1,2] [--remat=none,full,dots] \
         [--max_batch] [--scan_layers] [--out=rows.jsonl]
 
 Every row is one `avmae.aot.compile_step` of the trainer's own step for compile-only devices
 of the topology (libtpu): HBM per chip, whether it fits, compile seconds, all-reduce and
 all-gather bytes per step within and across slices, and XLA's FLOPs per chip. Rows at the
-official global batch (48, or the smallest multiple of the chip count where 48 does not
-split over the chips) and, with --max_batch, at the largest global batch that fits: the
+official global batch (the config's: 48 for CAV-MAE, 512 for AV-MAE; or the smallest
+multiple of the chip count where it does not split over the chips) and, with --max_batch, at the largest global batch that fits: the
 compiles home in on it between a batch that fits and one that does not, along the line
 through their HBM (it is close to linear in the batch), until the two are within 10 %
 (`largest_batch`). Rows are appended to --out as they finish (a
@@ -17,6 +17,7 @@ run can be stopped and resumed: rows already there are skipped).
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -28,7 +29,8 @@ from absl import app, flags
 from avmae import aot
 from configs import cav_mae
 
-_SIZES = flags.DEFINE_list("sizes", ["base", "large"], "configs/cav_mae.py sizes.")
+_SIZES = flags.DEFINE_list("sizes", ["base", "large"],
+                           "configs/cav_mae.py sizes, or MODULE:SIZE of configs/MODULE.py.")
 _TOPOLOGIES = flags.DEFINE_list("topologies", ["v4-32", "v5e-256", "v5p-128", "v6e-256"],
                                 "Accelerator names (avmae.aot.known_topologies()).")
 _SLICES = flags.DEFINE_list("slices", ["1", "2"], "Slice counts.")
@@ -41,8 +43,14 @@ TRAIN_EXAMPLES = 36_900 * 48
 GiB = 2**30
 
 
+def _official(size: str):
+  """The config of a size: "base" of configs/cav_mae.py, "av_mae:large" of configs/av_mae.py."""
+  module, _, name = size.rpartition(":")
+  return importlib.import_module(f"configs.{module or 'cav_mae'}").get_config(name)
+
+
 def _config(size: str, remat: str, batch: int):
-  return cav_mae.override(cav_mae.get_config(size), {
+  return cav_mae.override(_official(size), {
       "model.remat": remat, "model.scan_layers": _SCAN.value, "data.batch_size": batch})
 
 
@@ -143,11 +151,11 @@ def start_hint(done: dict, size: str, topology: str, slices: int, remat: str) ->
   return no_remat["batch"] if no_remat and remat != "none" else None
 
 
-def official_batch(topology: str, slices: int) -> int:
-  """48 (the official global batch) where it splits over the chips; else the smallest
-  multiple of the chip count (data parallelism needs an example per chip)."""
+def official_batch(topology: str, slices: int, batch: int = 48) -> int:
+  """`batch` (the official global batch) where it splits over the chips; else the smallest
+  multiple of the chip count above it (data parallelism needs an example per chip)."""
   chips = aot.parse_topology(topology).chips * slices
-  return -(-48 // chips) * chips
+  return -(-batch // chips) * chips
 
 
 def main(argv) -> None:
@@ -176,7 +184,8 @@ def main(argv) -> None:
         for remat in _REMAT.value:
           key = (size, topology, slices, remat)
           first = done.get(key + (False,)) or emit(
-              measure(size, topology, slices, remat, official_batch(topology, slices)))
+              measure(size, topology, slices, remat, official_batch(
+                  topology, slices, _official(size).data.batch_size)))
           if _MAX_BATCH.value and first["fits"] and key + (True,) not in done:
             start = start_hint(done, size, topology, slices, remat)
             compile_row = lambda batch: emit(measure(size, topology, slices, remat, batch))
@@ -200,7 +209,7 @@ def print_table(path: str) -> None:
   print("|---" * (header.count("|") - 1) + "|")
   official = {(r["size"], r["topology"], r["slices"], r["remat"]): r["batch"] for r in rows[::-1]}
   rank = lambda order, x: order.index(x) if x in order else len(order)
-  rows.sort(key=lambda r: (rank(["tiny", "base", "large"], r["size"]), r["topology"],
+  rows.sort(key=lambda r: (rank(["tiny", "base", "base_video", "large"], r["size"]), r["topology"],
                            r["slices"], rank(["none", "dots", "full"], r["remat"]),
                            r.get("largest", False), r["batch"]))
   for r in rows:
