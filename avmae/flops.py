@@ -59,7 +59,8 @@ def av_mae_forward_flops(model: ml_collections.ConfigDict,
             "v": (model.num_frames // model.tubelet_size) * (model.image_size // p) ** 2}
   values = {"a": p * p, "v": model.tubelet_size * p * p * 3}
   keep = {"a": av_mae.num_visible(tokens["a"], mask.ratio_a),
-          "v": av_mae.num_visible(tokens["v"], mask.ratio_v)}
+          "v": av_mae.num_visible(tokens["v"], mask.ratio_v, mask.mode_v,
+                                  model.num_frames // model.tubelet_size)}
   blocks = lambda n, width: block_flops(n, width, model.mlp_ratio)
   stacks = av_mae.layer_stacks(model)
 

@@ -78,7 +78,9 @@ def _base_config(size: str) -> ml_collections.ConfigDict:
       use_inpainting=False,
       remat="none", scan_layers=False,  # as configs/cav_mae.py
       **MODEL_SIZES[size]))
-  c.masking = ml_collections.ConfigDict(dict(ratio_a=0.7, ratio_v=0.9))
+  # mode_v: "unstructured" (random over every video token, official) or "tube" (VideoMAE's:
+  # one spatial mask repeated over the time slots; not in the official multimodal model).
+  c.masking = ml_collections.ConfigDict(dict(ratio_a=0.7, ratio_v=0.9, mode_v="unstructured"))
   # standardise_per_patch: each target patch minus its mean over its (biased) std + 1e-6
   # inside the root, both modalities (official's option; off in the released configs).
   c.loss = ml_collections.ConfigDict(dict(weight_a=0.5, weight_v=0.5,

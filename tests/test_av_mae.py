@@ -230,3 +230,14 @@ def test_every_size_builds_and_large_is_the_released_recipe(size):
     assert (config.data.num_frames, config.data.frame_stride, config.data.audio_frames) == (
         16, 4, 1000)
     assert (config.masking.ratio_a, config.masking.ratio_v) == (0.7, 0.9)
+
+
+def test_tube_masks_repeat_over_time_with_videomaes_count():
+  config = _config()
+  config.masking.mode_v = "tube"  # 2 time slots of 16 tokens; int(0.9 * 16) = 14 masked each
+  method = av_mae_method.build(config)
+  _, mask_v = method.masks(masking.example_keys(jax.random.key(0), 3))
+  per_slot = np.asarray(mask_v.mask).reshape(3, 2, 16)
+  np.testing.assert_array_equal(per_slot[:, 0], per_slot[:, 1])
+  np.testing.assert_array_equal(per_slot.sum(-1), 14)
+  assert mask_v.ids_keep.shape == (3, 4) == (3, av_mae.num_visible(32, 0.9, "tube", 2))

@@ -72,6 +72,8 @@ def config_checks(config: ml_collections.ConfigDict, info: dict[str, Any],
       (m.embed_dim % 2 == 0 and m.decoder_embed_dim % 2 == 0, "model.embed_dim",
        f"{m.embed_dim} (and decoder_embed_dim={m.decoder_embed_dim}) must be even for sin-cos "
        "position embeddings"),
+      (config.masking.mode_v in ("unstructured", "tube"), "masking.mode_v",
+       f"{config.masking.mode_v!r}; one of 'unstructured', 'tube'"),
       (m.num_heads % mesh.shape["tensor"] == 0 and m.decoder_num_heads % mesh.shape["tensor"] == 0,
        "mesh.tensor", f"{mesh.shape['tensor']} does not divide the attention heads"),
       (m.embed_dim % mesh.shape["fsdp"] == 0 and m.decoder_embed_dim % mesh.shape["fsdp"] == 0,
@@ -81,7 +83,9 @@ def config_checks(config: ml_collections.ConfigDict, info: dict[str, Any],
     model = AVMAE(**m)
     ratios = {"a": config.masking.ratio_a, "v": config.masking.ratio_v}
     for mod, other in zip(MODALITIES, MODALITIES[::-1]):
-      seen = num_visible(model.num_tokens[other], ratios[other])
+      seen = num_visible(model.num_tokens[other], ratios[other],
+                         config.masking.mode_v if other == "v" else "unstructured",
+                         model.video_grid[0])
       checks.append((seen < model.num_tokens[mod], "model.use_inpainting",
                      f"True needs fewer visible {_NAMES[other]} tokens ({seen}) than "
                      f"{_NAMES[mod]} tokens ({model.num_tokens[mod]}): raise the mask ratio"))
@@ -118,15 +122,18 @@ def build(config: ml_collections.ConfigDict) -> Method:
   weights = {"a": config.loss.weight_a, "v": config.loss.weight_v}
   standardise = config.loss.standardise_per_patch
 
+  slots = model.video_grid[0]
+
   def masks(keys: jax.Array) -> tuple[masking.Mask, masking.Mask]:
     """Spectrogram and video masks of the examples with these keys [B]: official's random
-    masks, int(ratio * L) tokens removed."""
-    out = []
-    for i, m in enumerate(MODALITIES):
-      n = model.num_tokens[m]
-      out.append(masking.random_mask(jax.vmap(lambda k: jax.random.fold_in(k, i))(keys), n,
-                                     ratios[m], num_visible(n, ratios[m])))
-    return tuple(out)
+    masks, int(ratio * L) tokens removed; or for the video with masking.mode_v="tube",
+    VideoMAE's tube masks."""
+    fold = lambda i: jax.vmap(lambda k: jax.random.fold_in(k, i))(keys)
+    n_a, n_v = model.num_tokens["a"], model.num_tokens["v"]
+    mask_a = masking.random_mask(fold(0), n_a, ratios["a"], num_visible(n_a, ratios["a"]))
+    if config.masking.mode_v == "tube":
+      return mask_a, masking.tube_mask(fold(1), (slots, n_v // slots), ratios["v"])
+    return mask_a, masking.random_mask(fold(1), n_v, ratios["v"], num_visible(n_v, ratios["v"]))
 
   def batch_masks(batch: Batch, key: jax.Array) -> tuple[masking.Mask, masking.Mask]:
     return masks(masking.example_keys(key, batch["audio"].shape[0]))

@@ -42,8 +42,12 @@ DECODERS = {
 }
 
 
-def num_visible(num_tokens: int, mask_ratio: float) -> int:
-  """Tokens kept per example: official floors the masked count, int(ratio * L)."""
+def num_visible(num_tokens: int, mask_ratio: float, mode: str = "unstructured",
+                slots: int = 1) -> int:
+  """Tokens kept per example: official floors the masked count, int(ratio * L); a tube mask
+  over `slots` time slots keeps VideoMAE's count (masking.num_visible_tube)."""
+  if mode == "tube":
+    return masking.num_visible_tube((slots, num_tokens // slots), mask_ratio)
   return num_tokens - int(mask_ratio * num_tokens)
 
 
