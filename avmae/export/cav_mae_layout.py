@@ -40,6 +40,11 @@ _BLOCK_NORMS = ("norm1", "norm1_a", "norm1_v")
 _BLOCK_NORMS2 = ("norm2", "norm2_a", "norm2_v")
 
 
+def prefixed(prefix: str, sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """The keys of a submodule's state_dict under its name `prefix`."""
+  return {f"{prefix}.{k}": v for k, v in sd.items()}
+
+
 def linear_state_dict(p: Params) -> dict[str, np.ndarray]:
   return {"weight": np.asarray(p["kernel"]).T, "bias": np.asarray(p["bias"])}
 
@@ -103,10 +108,10 @@ def _pretrain_layout(params: Params, model: Any) -> dict[str, np.ndarray]:
   sd["patch_embed_v.proj.bias"] = np.asarray(params["patch_embed_v"]["bias"])
   for stack in ("blocks_a", "blocks_v", "blocks_u"):
     for i in range(_count(params, stack)):
-      sd.update({f"{stack}.{i}.{k}": v for k, v in block_state_dict(params[f"{stack}_{i}"]).items()})
+      sd.update(prefixed(f"{stack}.{i}", block_state_dict(params[f"{stack}_{i}"])))
   for name in ("norm_a", "norm_v", "norm"):
-    sd.update({f"{name}.{k}": v for k, v in norm_state_dict(params[name]).items()})
-  sd.update({f"decoder_embed.{k}": v for k, v in linear_state_dict(params["decoder_embed"]).items()})
+    sd.update(prefixed(name, norm_state_dict(params[name])))
+  sd.update(prefixed("decoder_embed", linear_state_dict(params["decoder_embed"])))
   for i in range(_count(params, "decoder_blocks")):
     sd.update({f"decoder_blocks.{i}.{k}": v
                for k, v in block_state_dict(params[f"decoder_blocks_{i}"]).items()})

@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 
 from avmae import checkpoint, flops, losses, masking, plots
-from avmae.export import cav_mae_layout
+from avmae.export import cav_mae_layout as layout  # timm-style block and linear layouts
 from avmae.methods.method import Batch, Check, Method, raise_failed
 from avmae.models.av_mae import AVMAE, DECODERS, ENCODERS, MODALITIES, num_visible
 
@@ -104,13 +104,11 @@ def _state_dict(params: dict[str, Any], model: AVMAE) -> dict[str, np.ndarray]:
     sd[f"patch_embed_{m}.proj.bias"] = np.asarray(params[f"patch_embed_{m}"]["bias"])
   for stack, depth in model.layer_stacks.items():
     for i in range(depth):
-      sd.update({f"{stack}.{i}.{k}": v
-                 for k, v in cav_mae_layout.block_state_dict(params[f"{stack}_{i}"]).items()})
-    sd.update({f"{stack}_norm.{k}": v
-               for k, v in cav_mae_layout.norm_state_dict(params[f"{stack}_norm"]).items()})
+      sd.update(layout.prefixed(f"{stack}.{i}", layout.block_state_dict(params[f"{stack}_{i}"])))
+    sd.update(layout.prefixed(f"{stack}_norm", layout.norm_state_dict(params[f"{stack}_norm"])))
   for m in MODALITIES:
     for name in (f"decoder_embed_{m}", f"decoder_pred_{m}"):
-      sd.update({f"{name}.{k}": v for k, v in cav_mae_layout.linear_state_dict(params[name]).items()})
+      sd.update(layout.prefixed(name, layout.linear_state_dict(params[name])))
     sd[f"mask_token_{m}"] = np.asarray(params[f"mask_token_{m}"])
   return sd
 

@@ -19,7 +19,8 @@ import numpy as np
 
 from avmae import losses, masking
 from avmae.models.stacks import Stack, make_stack, run_stack
-from avmae.models.vit import Dense, Dtype, LayerNormParams, constrain, layer_norm, sincos_2d, sincos_3d
+from avmae.models.vit import (Dense, Dtype, LayerNormParams, constrain, layer_norm, sincos_2d,
+                              sincos_3d)
 
 
 def layer_stacks(model) -> dict[str, int]:
@@ -63,7 +64,8 @@ class CAVMAE(nn.Module):
   num_frames: int = 1
   tubelet_size: int = 1
   dtype: Dtype = jnp.float32
-  remat: str = "none"  # a key of stacks.REMAT_POLICIES: what each block keeps for the backward pass
+  # A key of stacks.REMAT_POLICIES: what each block keeps for the backward pass.
+  remat: str = "none"
   # One nn.scan per stack of `layer_stacks` (one compiled block, parameters with a leading
   # "layers" axis) instead of a Python loop; blocks_u (shared_depth 1) stays a loop.
   scan_layers: bool = False
