@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from avmae import flops, masking, sharding, train
+from avmae import checkpoint, flops, masking, sharding, train
 from avmae.export import torch_av_mae
 from avmae.methods import av_mae as av_mae_method
 from avmae.models import av_mae, vit
@@ -241,3 +241,22 @@ def test_tube_masks_repeat_over_time_with_videomaes_count():
   np.testing.assert_array_equal(per_slot[:, 0], per_slot[:, 1])
   np.testing.assert_array_equal(per_slot.sum(-1), 14)
   assert mask_v.ids_keep.shape == (3, 4) == (3, av_mae.num_visible(32, 0.9, "tube", 2))
+
+
+def test_scanned_stacks_give_the_unrolled_loss_and_export():
+  unrolled_config, scanned_config = _config(), _config()
+  scanned_config.model.scan_layers = True
+  unrolled, scanned = (av_mae_method.build(c) for c in (unrolled_config, scanned_config))
+  batch = _batch(unrolled_config, seed=3)
+  params = nn.meta.unbox(unrolled.init(jax.random.key(0), batch))["params"]
+  stacked = checkpoint.convert_layers(params, scanned.model.layer_stacks, scan_layers=True)
+  assert stacked["encoder_a"]["attn"]["qkv_kernel"].shape[0] == 1  # depth 2 - fusion 1
+  keys = masking.example_keys(jax.random.key(1), 4)
+  loss_u, _ = jax.jit(unrolled.loss_fn)(params, batch, keys)
+  loss_s, _ = jax.jit(scanned.loss_fn)(stacked, batch, keys)
+  np.testing.assert_allclose(loss_s, loss_u, rtol=1e-6)
+  [(_, sd_u, _)] = unrolled.export(jax.tree.map(np.asarray, params), "av_mae", {})
+  [(_, sd_s, _)] = scanned.export(jax.tree.map(np.asarray, stacked), "av_mae", {})
+  assert sd_u.keys() == sd_s.keys()
+  for k in sd_u:
+    np.testing.assert_array_equal(sd_u[k], sd_s[k])
