@@ -154,9 +154,9 @@ def build(config: ml_collections.ConfigDict) -> Method:
     """(model outputs, patches of the input per modality, predictions in the patches' units:
     with loss.standardise_per_patch the model predicts each patch standardised, mapped back
     with the patch's own mean and (biased) std, as MAE pictures do)."""
-    out = model.apply({"params": params}, batch["audio"], scale_pixels(batch["frames"]),
-                      mask_a, mask_v)
-    patches = model.patchify(batch["audio"], scale_pixels(batch["frames"]))
+    frames = scale_pixels(batch["frames"])
+    out = model.apply({"params": params}, batch["audio"], frames, mask_a, mask_v)
+    patches = model.patchify(batch["audio"], frames)
     preds = {m: out[f"pred_{m}"].astype(jnp.float32) for m in MODALITIES}
     if standardise:
       preds = {m: preds[m] * jnp.sqrt(patches[m].var(-1, keepdims=True) + 1e-6)
