@@ -13,7 +13,8 @@ import numpy as np
 
 
 def plot_clips(clips: Sequence[dict[str, Any]], path: str, frame_shift_s: float = 0.01) -> None:
-  """One row per clip: log-mel spectrogram (frame times marked) and then every frame.
+  """One row per clip: log-mel spectrogram (frame times marked) and then every frame (none
+  for clips without video).
 
   Each clip is a decoded record (`schema.decode_example`) plus a "title".
   """
@@ -36,7 +37,8 @@ def plot_clips(clips: Sequence[dict[str, Any]], path: str, frame_shift_s: float 
       ax.set_title(f"t={t:.2f}s", fontsize=7)
     for ax in row[1:]:
       ax.axis("off")
-  axes[-1][0].set_xlabel("seconds (dashed: frame times)", fontsize=7)
+  axes[-1][0].set_xlabel("seconds" + (" (dashed: frame times)" if num_frames else ""),
+                        fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)

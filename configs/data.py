@@ -14,7 +14,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.all_frames = False  # True: every frame of the clip, [N, H, W, 3] per example
   # A clip of num_frames frames, every frame_stride-th of the record's, [T, H, W, 3] per
   # example (1: one frame [H, W, 3], as CAV-MAE): a random start in training, centred in
-  # evaluation.
+  # evaluation. 0: audio only, for audio methods or datasets built with
+  # --require_video=false: batches have no "frames" and no frame is decoded.
   c.num_frames = 1
   c.frame_stride = 1
   c.num_workers = 0  # grain worker processes; 0 reads in the main process

@@ -1,7 +1,8 @@
 """`python -m data_prep.inspect DIR [--png=FILE] [--clips=4]`: what a dataset holds.
 
 Prints counts per split, failures by reason (with a few examples), the feature parameters and
-log-mel statistics, and saves a PNG of a few decoded records (spectrogram beside frames).
+log-mel statistics, and saves a PNG of a few decoded records (spectrogram beside frames;
+the spectrogram alone for an audio-only dataset).
 """
 
 from __future__ import annotations
@@ -26,8 +27,21 @@ def summarize(data_dir: str, info: dict) -> None:
   print(f"  audio        {feats['log_mel']} log-mel, {feats['mel_bins']} bins, "
         f"{feats['sample_rate']} Hz; mean {info['log_mel_stats']['mean']:.3f}, "
         f"std {info['log_mel_stats']['std']:.3f} ({info['log_mel_stats']['split']})")
-  print(f"  video        {feats['frames_per_clip']} {feats['video_encoding']} frames of "
-        f"{feats['frame_size'][0]}x{feats['frame_size'][1]} per clip")
+  print(f"  video        {video_summary(info)}")
+
+
+def video_summary(info: dict) -> str:
+  """Frames per clip, or that there is no video (clips built with --require_video=false)."""
+  if not dataset_info.has_video(info):
+    return "none: audio only (0 frames per clip, built with --require_video=false)"
+  feats = info["features"]
+  text = (f"{feats['frames_per_clip']} {feats['video_encoding']} frames of "
+          f"{feats['frame_size'][0]}x{feats['frame_size'][1]} per clip")
+  missing = {s: dataset_info.num_without_video(info, s) for s in info["splits"]}
+  missing = {s: n for s, n in missing.items() if n}
+  if missing:
+    text += "; clips without video: " + ", ".join(f"{s} {n}" for s, n in missing.items())
+  return text
 
 
 def summarize_failures(data_dir: str, info: dict, examples: int = 3) -> None:

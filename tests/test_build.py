@@ -1,9 +1,11 @@
 """data_prep.build end to end on real media made with PyAV: counts, failures, record contents,
 resume after a kill, Beam DirectRunner = local run, tfds interop, and training on the result."""
 
+import dataclasses
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import subprocess
@@ -13,8 +15,12 @@ import time
 import numpy as np
 import pytest
 
-from avmae.data import dataset_info, features, schema, tfrecord
+import jax
+from avmae import sharding
+from avmae.data import augment, dataset_info, errors, features, pipeline, schema, tfrecord
+from configs import data
 from data_prep import build, manifests, media, verify
+from data_prep import inspect as inspect_tool
 from data_prep import media_factory
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -222,3 +228,121 @@ def test_inspect_and_verify_tools(built, tmp_path):
                           capture_output=True, text=True, timeout=300)
   assert result.returncode == 1
   assert f"PROBLEM {shard} record 0 at byte offset 0: CRC mismatch" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def audio_only(tmp_path_factory):
+  """A dataset built with --require_video=false from six audio-only files: AAC in .m4a, PCM
+  in .wav, and an .mp4 whose only picture is cover art (not video)."""
+  root = tmp_path_factory.mktemp("audio_media")
+  (root / "birds").mkdir()
+  (root / "frogs").mkdir()
+  for i in range(3):
+    media_factory.write_audio(str(root / "birds" / f"b{i}.m4a"), seconds=2.0, codec="aac")
+  for i in range(2):
+    media_factory.write_audio(str(root / "frogs" / f"f{i}.wav"), seconds=1.5, rate=16000)
+  media_factory.write_audio(str(root / "frogs" / "f2.mp4"), seconds=1.5, codec="aac",
+                            cover_art=True)
+  out = str(tmp_path_factory.mktemp("audio_only"))
+  result = _run_build([f"--media_dir={root}", f"--out_dir={out}", "--require_video=false",
+                       "--num_shards=2", "--mel_bins=64", "--num_frames=4", "--frame_size=32",
+                       "--tfds=false"])
+  assert result.returncode == 0, result.stderr[-3000:]
+  return out
+
+
+def _records_in_order(data_dir, split="train"):
+  info = dataset_info.load(data_dir)
+  return [schema.decode_example(r, path) for path in dataset_info.shard_paths(data_dir, info, split)
+          for r in tfrecord.iter_records(path)]
+
+
+def test_audio_only_dataset_info(audio_only):
+  info = dataset_info.load(audio_only)
+  assert info["features"]["frames_per_clip"] == 0
+  assert info["splits"]["train"]["num_examples"] == 6
+  assert info["splits"]["train"]["num_without_video"] == 6
+  assert info["failures"]["total"] == 0
+  assert [ex["frames"].shape for ex in _records_in_order(audio_only)] == [(0, 32, 32, 3)] * 6
+
+
+def test_audio_only_dataset_reads_without_frames(audio_only):
+  cfg = data.get_config(audio_only)
+  cfg.num_frames, cfg.audio_frames = 0, 128
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})  # the 8 CPU devices
+  with pipeline.Batches(cfg, "train", train=True, seed=0, global_batch_size=8,
+                        mesh=mesh) as b:
+    batch = next(b)
+  assert sorted(batch) == ["audio", "labels", "record_index", "valid"]
+  assert batch["audio"].shape == (8, 128, 64) and batch["audio"].dtype == np.float32
+  assert batch["audio"].sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"))
+  assert np.asarray(batch["valid"]).all()
+  # Evaluation: the six records in order, then two padding rows.
+  with pipeline.Batches(cfg, "train", train=False, seed=0, global_batch_size=8,
+                        mesh=mesh) as b:
+    (batch,) = list(b)
+  batch = jax.tree.map(np.asarray, batch)
+  stats = dataset_info.load(audio_only)["log_mel_stats"]
+  records = _records_in_order(audio_only)
+  for row, ex in enumerate(records):
+    expected = (augment.crop_or_pad(ex["log_mel"], 128).astype(np.float32) - stats["mean"]
+                ) / stats["std"]
+    np.testing.assert_allclose(batch["audio"][row], expected, rtol=1e-5, atol=1e-5)
+    assert np.flatnonzero(batch["labels"][row]).tolist() == ex["labels"].tolist()
+  np.testing.assert_array_equal(batch["valid"], [True] * 6 + [False] * 2)
+  np.testing.assert_array_equal(batch["record_index"], [0, 1, 2, 3, 4, 5, -1, -1])
+  assert not batch["audio"][6:].any()
+
+
+def test_a_config_that_needs_frames_fails_on_an_audio_only_dataset(audio_only):
+  cfg = data.get_config(audio_only)
+  for setting, text in (({"num_frames": 1}, "data.num_frames=1"),
+                        ({"all_frames": True}, "data.all_frames=True")):
+    cfg.update(setting)
+    with pytest.raises(errors.SchemaError,
+                       match=rf"^{re.escape(audio_only)}: the dataset has no video .*--require_"
+                       rf"video=false; 0 frames per clip, feature video/frames is empty\) but "
+                       rf"{re.escape(text)} needs frames"):
+      pipeline.Batches(cfg, "train", train=True, seed=0, global_batch_size=8)
+
+
+def test_inspect_and_verify_an_audio_only_dataset(audio_only, tmp_path):
+  png = tmp_path / "inspect.png"
+  result = subprocess.run([sys.executable, "-m", "data_prep.inspect", audio_only,
+                           f"--png={png}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "train        6 clips in 2 shards" in result.stdout
+  assert "video        none: audio only (0 frames per clip" in result.stdout
+  assert png.stat().st_size > 10_000
+  result = subprocess.run([sys.executable, "-m", "data_prep.verify", audio_only], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0 and "0 problems" in result.stdout, result.stdout
+  # A dataset_info.json that miscounts the clips without video is a problem.
+  copy = shutil.copytree(audio_only, tmp_path / "copy")
+  path = copy / dataset_info.FILENAME
+  info = json.loads(path.read_text())
+  info["splits"]["train"]["num_without_video"] = 5
+  path.write_text(json.dumps(info))
+  assert verify.verify(str(copy), log=lambda _: None) == [
+      "split train: 6 records without video (no frames), dataset_info.json says 5"]
+
+
+def test_a_dataset_with_some_clips_without_video(media_dir, tmp_path):
+  """--require_video=false over videos and one audio-only file: that clip is counted, verify
+  passes, frames are refused early and audio only reads."""
+  options = dataclasses.replace(OPTIONS, require_video=False)
+  info = build.build(manifests.load_media_dir(media_dir), str(tmp_path), options,
+                     {"default": 2})
+  assert info["splits"]["train"]["num_examples"] == 5
+  assert info["splits"]["train"]["num_without_video"] == 1  # birds/e_audio
+  assert info["features"]["frames_per_clip"] == 4
+  assert inspect_tool.video_summary(info) == ("4 jpeg frames of 32x32 per clip; clips without "
+                                              "video: train 1")
+  assert verify.verify(str(tmp_path), log=lambda _: None) == []
+  cfg = data.get_config(str(tmp_path))
+  with pytest.raises(errors.SchemaError, match=r"1 of 5 clips of split 'train' have no video "
+                     r"\(feature video/frames is empty"):
+    pipeline.Batches(cfg, "train", train=True, seed=0, global_batch_size=5)
+  cfg.num_frames = 0
+  batch = pipeline.first_examples(cfg, "train", 5)
+  assert sorted(batch) == ["audio", "labels", "record_index", "valid"] and batch["valid"].all()

@@ -13,7 +13,6 @@ import pytest
 
 from avmae import sharding
 from avmae.data import augment, dataset_info, errors, pipeline, tfrecord
-from avmae.data.source import TFRecordSource
 from configs import data
 from conftest import make_clip
 
@@ -28,10 +27,9 @@ def _cfg(data_dir, **overrides):
 
 
 def _batch_source(cfg, split, *, train, seed, global_batch_size, process_index, process_count):
-  info = dataset_info.load(cfg.dir)
-  records = TFRecordSource(dataset_info.shard_paths(cfg.dir, info, split), cfg.skip_corrupt)
-  return pipeline.BatchSource(records, pipeline.example_spec(cfg, info, train), seed,
-                              global_batch_size, process_index, process_count)
+  records, spec = pipeline.open_split(cfg, split, train)
+  return pipeline.BatchSource(records, spec, seed, global_batch_size, process_index,
+                              process_count)
 
 
 def _take(batches, n):
@@ -46,8 +44,9 @@ def _assert_batches_equal(a, b):
       np.testing.assert_array_equal(x[k], y[k], err_msg=k)
 
 
-def test_each_record_once_per_epoch_across_two_processes(dataset_dir):
-  cfg = _cfg(dataset_dir)
+@pytest.mark.parametrize("num_frames", [1, 0])  # 0: audio only
+def test_each_record_once_per_epoch_across_two_processes(dataset_dir, num_frames):
+  cfg = _cfg(dataset_dir, num_frames=num_frames)
   parts = [_batch_source(cfg, "train", train=True, seed=0, global_batch_size=8,
                          process_index=p, process_count=2) for p in range(2)]
   one = _batch_source(cfg, "train", train=True, seed=0, global_batch_size=8, process_index=0,
@@ -180,6 +179,49 @@ def test_training_samples_a_random_frame(dataset_dir):
     pixels = batch["frames"][row].astype(np.float32)
     picked.append(int(np.argmin([np.abs(pixels - f).mean() for f in make_clip(0)["frames"]])))
   assert len(set(picked)) > 1, picked
+
+
+def test_audio_only_batches_are_the_batches_without_frames(dataset_dir):
+  """data.num_frames=0 on a dataset with video: no "frames" in any batch (padding included),
+  everything else as with frames."""
+  def eval_batches(num_frames):
+    with pipeline.Batches(_cfg(dataset_dir, num_frames=num_frames), "eval", train=False,
+                          seed=0, global_batch_size=4) as b:
+      return list(b)
+  audio_only, with_frames = eval_batches(0), eval_batches(1)
+  assert len(audio_only) == 3 and not audio_only[-1]["valid"][-1]  # the last one padded
+  for batch in with_frames:
+    del batch["frames"]
+  _assert_batches_equal(audio_only, with_frames)
+  assert sorted(pipeline.first_examples(_cfg(dataset_dir, num_frames=0), "eval", 2)) == [
+      "audio", "labels", "record_index", "valid"]
+
+
+def test_audio_only_resume_gives_identical_sharded_batches(dataset_dir):
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  kwargs = dict(train=True, seed=5, global_batch_size=16, mesh=mesh)
+  cfg = _cfg(dataset_dir, num_frames=0)
+  with pipeline.Batches(cfg, "train", **kwargs) as straight:
+    expected = _take(straight, 4)  # crosses the epoch boundary at 37 records
+  with pipeline.Batches(cfg, "train", **kwargs) as first:
+    _take(first, 2)
+    state = first.get_state()
+  with pipeline.Batches(cfg, "train", **kwargs) as resumed:
+    resumed.set_state(state)
+    batch = next(resumed)
+    assert batch["audio"].sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"))
+    _assert_batches_equal([jax.tree.map(np.asarray, batch)] + _take(resumed, 1), expected[2:])
+  assert sorted(expected[0]) == ["audio", "labels", "record_index", "valid"]
+
+
+def test_frame_settings_are_checked(dataset_dir):
+  with pytest.raises(ValueError, match=r"num_frames=-1 must be at least 0 \(0: audio only\)"):
+    pipeline.Batches(_cfg(dataset_dir, num_frames=-1), "eval", train=False, seed=0,
+                     global_batch_size=4)
+  with pytest.raises(ValueError, match="all_frames=True takes every frame; it excludes "
+                     "data.num_frames=0"):
+    pipeline.Batches(_cfg(dataset_dir, num_frames=0, all_frames=True), "eval", train=False,
+                     seed=0, global_batch_size=4)
 
 
 def _corrupt(data_dir, shard, records):

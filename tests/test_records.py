@@ -80,6 +80,8 @@ def test_dataset_info_contents(dataset_dir):
   assert info["log_mel_stats"]["mean"] == pytest.approx(mels.mean(), rel=1e-9)
   assert info["log_mel_stats"]["std"] == pytest.approx(mels.std(), rel=1e-9)
   assert info["label_names"] == [f"class{c}" for c in range(5)]
+  assert info["features"]["frames_per_clip"] == 3  # every clip has video
+  assert info["splits"]["train"]["num_without_video"] == 0
 
 
 def test_index_matches_scan_and_rebuilds(dataset_dir):
@@ -209,3 +211,14 @@ def test_record_schema_errors():
     schema.decode_example(ex.SerializeToString(), "rec 9")
   with pytest.raises(errors.CorruptRecordError, match="rec 9: not a valid tf.train.Example"):
     schema.decode_example(b"\xff\xff\xff", "rec 9")
+
+
+@pytest.mark.parametrize("encoding", ["jpeg", "raw"])
+def test_record_without_video_decodes_to_no_frames(encoding):
+  """data_prep.build --require_video=false stores audio-only clips with frames [0, S, S, 3]."""
+  clip = dict(make_clip(4), frames=np.zeros((0, 24, 24, 3), np.uint8),
+              timestamps=np.zeros(0, np.float32))
+  ex = schema.decode_example(schema.encode_example(**clip, encoding=encoding), "rec 4")
+  assert ex["frames"].shape == (0, 24, 24, 3) and ex["frames"].dtype == np.uint8
+  assert ex["num_frames"] == 0 and len(ex["frame_indices"]) == 0
+  np.testing.assert_array_equal(ex["log_mel"], clip["log_mel"].astype(np.float16))

@@ -51,6 +51,18 @@ def load(data_dir: str) -> dict[str, Any]:
   return info
 
 
+def num_without_video(info: dict[str, Any], split: str) -> int:
+  """Clips of `split` stored with no frames (data_prep.build --require_video=false)."""
+  # Datasets written before this count was kept have none, unless built from audio-only
+  # files; reading frames of those still fails at the record, naming it.
+  return info["splits"][split].get("num_without_video", 0)
+
+
+def has_video(info: dict[str, Any]) -> bool:
+  """False for an audio-only dataset: no clip of any split has frames (frames_per_clip 0)."""
+  return info["features"]["frames_per_clip"] > 0
+
+
 def shard_paths(data_dir: str, info: dict[str, Any], split: str) -> list[str]:
   if split not in info["splits"]:
     raise errors.SchemaError(f"{os.path.join(data_dir, FILENAME)} has no split {split!r}; it "

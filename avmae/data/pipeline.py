@@ -13,7 +13,8 @@ Batches are dicts:
   audio          float32 [B, audio_frames, mel_bins]   normalised log-mel
   frames         uint8   [B, H, W, 3] (or a clip [B, T, H, W, 3] with num_frames T > 1, or
                  [B, N, H, W, 3] with all_frames) RGB; normalised
-                 on the device (augment.normalize_image), a quarter of float32's bytes
+                 on the device (augment.normalize_image), a quarter of float32's bytes.
+                 Absent with data.num_frames=0 (audio only: no frame is decoded)
   labels         float32 [B, num_classes]              multi-hot
   record_index   int32   [B]                           global record number in the split
   valid          bool    [B]                           False for padding / skipped records
@@ -52,7 +53,7 @@ class ExampleSpec:
   num_classes: int
   train: bool
   all_frames: bool
-  num_frames: int  # frames of a clip (1: one frame, [H, W, 3])
+  num_frames: int  # frames of a clip (1: one frame, [H, W, 3]; 0: audio only, no frames)
   frame_stride: int
   time_roll: bool
   noise: float
@@ -63,13 +64,31 @@ class ExampleSpec:
   flip: bool
   skip_corrupt: bool
 
+  @property
+  def reads_frames(self) -> bool:
+    """False for audio-only examples (data.num_frames=0): they have no "frames"."""
+    return self.all_frames or self.num_frames > 0
+
+
+AUDIO_ONLY_HINT = "data.num_frames=0 (with data.all_frames=False) reads audio only"
+
+
+def _frames_setting(spec: ExampleSpec) -> str:
+  return "data.all_frames=True" if spec.all_frames else f"data.num_frames={spec.num_frames}"
+
 
 def clip_frames(num_frames: int, spec: ExampleSpec, rng: np.random.Generator, where: str
                 ) -> np.ndarray:
   """Indices of the frames of an example among a record's `num_frames`: every frame
   (all_frames); or a clip of spec.num_frames, spec.frame_stride apart, starting at random in
   training and centred in evaluation. One frame: official CAV-MAE's random frame in training,
-  the middle one (N // 2) in evaluation."""
+  the middle one (N // 2) in evaluation. Audio-only examples take none."""
+  if not spec.reads_frames:
+    return np.arange(0)
+  if num_frames == 0:
+    raise errors.SchemaError(
+        f"{where}: the clip has no video (video/frames is empty: built with "
+        f"--require_video=false) but {_frames_setting(spec)} needs frames; {AUDIO_ONLY_HINT}")
   if spec.all_frames:
     needed = spec.frames_per_clip
     if num_frames < needed:
@@ -99,17 +118,59 @@ def _prepare_frame(frame: np.ndarray, spec: ExampleSpec, rng: np.random.Generato
 
 def empty_example(spec: ExampleSpec, record_index: int, num_skipped: int) -> dict[str, Any]:
   """An all-zero, invalid example: a skipped record or padding of the last batch."""
-  clip = ((spec.frames_per_clip,) if spec.all_frames else
-          (spec.num_frames,) if spec.num_frames > 1 else ())
-  frames_shape = clip + spec.image_size + (3,)
-  return {
+  example = {
       "audio": np.zeros((spec.audio_frames, spec.mel_bins), np.float32),
-      "frames": np.zeros(frames_shape, np.uint8),
       "labels": np.zeros((spec.num_classes,), np.float32),
       "record_index": np.int32(record_index),
       "valid": np.bool_(False),
       "num_skipped": np.int32(num_skipped),
   }
+  if spec.reads_frames:
+    clip = ((spec.frames_per_clip,) if spec.all_frames else
+            (spec.num_frames,) if spec.num_frames > 1 else ())
+    example["frames"] = np.zeros(clip + spec.image_size + (3,), np.uint8)
+  return example
+
+
+def _check_shapes(ex: dict[str, Any], spec: ExampleSpec, where: str) -> None:
+  if ex["log_mel"].shape[1] != spec.mel_bins:
+    raise errors.SchemaError(f"{where}: record has log-mel {ex['log_mel'].shape}, "
+                             f"dataset_info.json says {spec.mel_bins} mel bins")
+  if spec.reads_frames and ex["frames"].shape[1:3] != spec.frame_size:
+    raise errors.SchemaError(f"{where}: record has frames of {ex['frames'].shape[1:3]}, "
+                             f"dataset_info.json says frames of {spec.frame_size}")
+
+
+def _prepare_audio(log_mel: np.ndarray, spec: ExampleSpec, rng: np.random.Generator
+                   ) -> np.ndarray:
+  audio = augment.normalize_log_mel(augment.crop_or_pad(log_mel, spec.audio_frames),
+                                    spec.log_mel_mean, spec.log_mel_std)
+  if spec.train:
+    if spec.time_roll:
+      audio = augment.time_roll(audio, rng)
+    if spec.noise > 0:
+      audio = augment.add_noise(audio, rng, spec.noise)
+    audio = augment.spec_augment(audio, rng, spec.freq_mask, spec.time_mask)
+  return audio
+
+
+def _prepare_frames(decoded: np.ndarray, spec: ExampleSpec, rng: np.random.Generator
+                    ) -> np.ndarray:
+  if spec.train and len(decoded) > 1:  # one crop and flip for the whole clip
+    seed = rng.integers(2**63)
+    frames = np.stack([_prepare_frame(f, spec, np.random.default_rng(seed)) for f in decoded])
+  else:
+    frames = np.stack([_prepare_frame(f, spec, rng) for f in decoded])
+  return frames if spec.all_frames or spec.num_frames > 1 else frames[0]
+
+
+def _multi_hot(labels: np.ndarray, spec: ExampleSpec, where: str) -> np.ndarray:
+  if np.any((labels < 0) | (labels >= spec.num_classes)):
+    raise errors.SchemaError(f"{where}: labels {labels.tolist()} outside "
+                             f"[0, {spec.num_classes}) of dataset_info.json's label_names")
+  hot = np.zeros((spec.num_classes,), np.float32)
+  hot[labels] = 1.0
+  return hot
 
 
 def prepare_example(record: RawRecord, rng: np.random.Generator, spec: ExampleSpec
@@ -125,34 +186,15 @@ def prepare_example(record: RawRecord, rng: np.random.Generator, spec: ExampleSp
       raise
     logging.warning("skipping corrupt record: %s", e)
     return empty_example(spec, index, num_skipped=1)
-  if ex["log_mel"].shape[1] != spec.mel_bins or ex["frames"].shape[1:3] != spec.frame_size:
-    raise errors.SchemaError(
-        f"{where}: record has log-mel {ex['log_mel'].shape} and frames "
-        f"{ex['frames'].shape[1:3]}, dataset_info.json says {spec.mel_bins} mel bins and "
-        f"frames of {spec.frame_size}")
-  audio = augment.normalize_log_mel(augment.crop_or_pad(ex["log_mel"], spec.audio_frames),
-                                    spec.log_mel_mean, spec.log_mel_std)
-  if spec.train:
-    if spec.time_roll:
-      audio = augment.time_roll(audio, rng)
-    if spec.noise > 0:
-      audio = augment.add_noise(audio, rng, spec.noise)
-    audio = augment.spec_augment(audio, rng, spec.freq_mask, spec.time_mask)
-  if spec.train and len(ex["frames"]) > 1:  # one crop and flip for the whole clip
-    seed = rng.integers(2**63)
-    frames = np.stack([_prepare_frame(f, spec, np.random.default_rng(seed))
-                       for f in ex["frames"]])
-  else:
-    frames = np.stack([_prepare_frame(f, spec, rng) for f in ex["frames"]])
-  labels = np.zeros((spec.num_classes,), np.float32)
-  if np.any((ex["labels"] < 0) | (ex["labels"] >= spec.num_classes)):
-    raise errors.SchemaError(f"{where}: labels {ex['labels'].tolist()} outside "
-                             f"[0, {spec.num_classes}) of dataset_info.json's label_names")
-  labels[ex["labels"]] = 1.0
+  _check_shapes(ex, spec, where)
+  # The RNG is drawn in this order (frames chosen, audio, frame crops) so that batches of
+  # a seed stay the same.
+  example = {"audio": _prepare_audio(ex["log_mel"], spec, rng)}
+  if spec.reads_frames:
+    example["frames"] = _prepare_frames(ex["frames"], spec, rng)
   return {
-      "audio": audio,
-      "frames": frames if spec.all_frames or spec.num_frames > 1 else frames[0],
-      "labels": labels,
+      **example,
+      "labels": _multi_hot(ex["labels"], spec, where),
       "record_index": np.int32(index),
       "valid": np.bool_(True),
       "num_skipped": np.int32(0),
@@ -162,12 +204,12 @@ def prepare_example(record: RawRecord, rng: np.random.Generator, spec: ExampleSp
 def example_spec(cfg: ml_collections.ConfigDict, info: dict[str, Any], train: bool
                  ) -> ExampleSpec:
   feats, aug = info["features"], cfg.augment
-  if cfg.all_frames and cfg.num_frames > 1:
+  if cfg.all_frames and cfg.num_frames != 1:
     raise ValueError(f"config.data.all_frames=True takes every frame; it excludes "
                      f"data.num_frames={cfg.num_frames}")
-  if cfg.num_frames < 1 or cfg.frame_stride < 1:
-    raise ValueError(f"config.data.num_frames={cfg.num_frames} and data.frame_stride="
-                     f"{cfg.frame_stride} must be at least 1")
+  if cfg.num_frames < 0 or cfg.frame_stride < 1:
+    raise ValueError(f"config.data.num_frames={cfg.num_frames} must be at least 0 (0: audio "
+                     f"only) and data.frame_stride={cfg.frame_stride} at least 1")
   return ExampleSpec(
       audio_frames=cfg.audio_frames, mel_bins=feats["mel_bins"],
       frame_size=tuple(feats["frame_size"]),
@@ -178,6 +220,36 @@ def example_spec(cfg: ml_collections.ConfigDict, info: dict[str, Any], train: bo
       time_roll=aug.time_roll, noise=aug.noise, freq_mask=aug.freq_mask,
       time_mask=aug.time_mask, random_resized_crop=aug.random_resized_crop,
       crop_scale=tuple(aug.crop_scale), flip=aug.flip, skip_corrupt=cfg.skip_corrupt)
+
+
+def check_video(spec: ExampleSpec, info: dict[str, Any], split: str, data_dir: str) -> None:
+  """Fails before any record is read when the config needs frames the dataset's clips lack
+  (data_prep.build --require_video=false stores clips without video)."""
+  if not spec.reads_frames:
+    return
+  if not dataset_info.has_video(info):
+    raise errors.SchemaError(
+        f"{data_dir}: the dataset has no video (built with --require_video=false; 0 frames "
+        f"per clip, feature video/frames is empty) but {_frames_setting(spec)} needs frames; "
+        f"{AUDIO_ONLY_HINT}")
+  missing = dataset_info.num_without_video(info, split)
+  if missing:
+    raise errors.SchemaError(
+        f"{data_dir}: {missing} of {info['splits'][split]['num_examples']} clips of split "
+        f"{split!r} have no video (feature video/frames is empty: built with "
+        f"--require_video=false) but {_frames_setting(spec)} needs frames in every clip; "
+        f"{AUDIO_ONLY_HINT}, or rebuild without the audio-only files")
+
+
+def open_split(cfg: ml_collections.ConfigDict, split: str, train: bool
+               ) -> tuple[TFRecordSource, ExampleSpec]:
+  """The records of `split` of the dataset cfg.dir and how to prepare them; a config that
+  asks for what the dataset lacks fails here, before reading."""
+  info = dataset_info.load(cfg.dir)
+  paths = dataset_info.shard_paths(cfg.dir, info, split)  # an unknown split fails first
+  spec = example_spec(cfg, info, train)
+  check_video(spec, info, split, cfg.dir)
+  return TFRecordSource(paths, cfg.skip_corrupt), spec
 
 
 class BatchSource:
@@ -230,9 +302,8 @@ def first_examples(cfg: ml_collections.ConfigDict, split: str, count: int
                    ) -> dict[str, np.ndarray]:
   """The first `count` examples of `split` as evaluation prepares them, the same on every
   process (e.g. a fixed batch to draw reconstructions of)."""
-  info = dataset_info.load(cfg.dir)
-  records = TFRecordSource(dataset_info.shard_paths(cfg.dir, info, split), cfg.skip_corrupt)
-  batch = BatchSource(records, example_spec(cfg, info, train=False), 0, count, 0, 1)[0]
+  records, spec = open_split(cfg, split, train=False)
+  batch = BatchSource(records, spec, 0, count, 0, 1)[0]
   del batch["num_skipped"]
   return batch
 
@@ -258,12 +329,11 @@ class Batches:
       if global_batch_size % shards:
         raise ValueError(f"batch size {global_batch_size} is not divisible by the {shards} "
                          f"devices along the mesh's batch axes {tuple(cfg.batch_axes)}")
-    info = dataset_info.load(cfg.dir)
-    records = TFRecordSource(dataset_info.shard_paths(cfg.dir, info, split), cfg.skip_corrupt)
+    records, spec = open_split(cfg, split, train)
     self.num_records = len(records)
     self.global_batch_size = global_batch_size
-    self.source = BatchSource(records, example_spec(cfg, info, train), seed, global_batch_size,
-                              jax.process_index(), process_count)
+    self.source = BatchSource(records, spec, seed, global_batch_size, jax.process_index(),
+                              process_count)
     self._num_workers = cfg.num_workers
     # In worker processes the workers are the parallelism; one reader thread each.
     self._read_threads = 1 if cfg.num_workers > 0 else cfg.read_threads

@@ -120,7 +120,8 @@ def decode_example(data: bytes, where: str,
   """Parses one record into numpy arrays.
 
   Only the frames whose indices `choose_frames(num_frames)` returns are decoded (all when
-  None), since JPEG decoding dominates the cost of reading a record.
+  None), since JPEG decoding dominates the cost of reading a record. "frames" is uint8
+  [N, H, W, 3], N = 0 for a clip stored without video (data_prep.build --require_video=false).
 
   Raises CorruptRecordError when the bytes do not parse and SchemaError when a feature is
   missing or inconsistent; `where` names the file and record in the message.
@@ -148,8 +149,9 @@ def decode_example(data: bytes, where: str,
                              f"{len(timestamps)} timestamps disagree")
   (encoding,) = _get(feat, "video/encoding", "bytes_list", where)
   indices = np.arange(len(images)) if choose_frames is None else choose_frames(len(images))
-  frames = np.stack([_decode_frame(images[i], encoding, video_shape[1:], where)
-                     for i in indices])
+  frames = [_decode_frame(images[i], encoding, video_shape[1:], where) for i in indices]
+  # No frames (an audio-only clip, or none chosen) still gives [0, H, W, 3].
+  frames = np.stack(frames) if frames else np.zeros((0, *video_shape[1:]), np.uint8)
   return {
       "clip_id": _get(feat, "clip_id", "bytes_list", where)[0].decode(),
       "source": _get(feat, "source", "bytes_list", where)[0].decode(),

@@ -32,6 +32,7 @@ class ShardSummary:
   log_mel_sum: float = 0.0
   log_mel_sum_sq: float = 0.0
   log_mel_count: int = 0
+  num_without_video: int = 0  # clips stored with no frames (build --require_video=false)
 
 
 class ShardWriter:
@@ -43,6 +44,7 @@ class ShardWriter:
     self._encoding, self._quality = encoding, jpeg_quality
     self._sum = self._sum_sq = 0.0
     self._count = 0
+    self._without_video = 0
 
   def add(self, *, clip_id: str, source: str, labels: Sequence[int], log_mel: np.ndarray,
           frames: np.ndarray, timestamps: np.ndarray) -> None:
@@ -52,6 +54,7 @@ class ShardWriter:
     self._sum += x.sum()
     self._sum_sq += np.square(x).sum()
     self._count += x.size
+    self._without_video += len(frames) == 0
     self._records.write(schema.encode_example(
         clip_id=clip_id, source=source, labels=labels, log_mel=stored, frames=frames,
         timestamps=timestamps, encoding=self._encoding, jpeg_quality=self._quality))
@@ -62,7 +65,7 @@ class ShardWriter:
   def close(self) -> ShardSummary:
     self._records.close()
     return ShardSummary(self.name, len(self._records), float(self._sum), float(self._sum_sq),
-                        self._count)
+                        self._count, self._without_video)
 
 
 class SplitWriter:
@@ -143,8 +146,10 @@ class DatasetWriter:
 
   def add_split(self, split: str, summaries: Sequence[ShardSummary]) -> None:
     """Records a split whose shards (already on disk) these summaries describe."""
-    self._info["splits"][split] = {"num_examples": sum(s.num_examples for s in summaries),
-                                   "shards": [s.name for s in summaries]}
+    self._info["splits"][split] = {
+        "num_examples": sum(s.num_examples for s in summaries),
+        "num_without_video": sum(s.num_without_video for s in summaries),
+        "shards": [s.name for s in summaries]}
     if split == self._stats_split and any(s.log_mel_count for s in summaries):
       self._info["log_mel_stats"] = log_mel_stats(summaries, split)
 
@@ -160,5 +165,10 @@ class DatasetWriter:
     self._info["failures"] = {"total": len(failures), "file": FAILURES_FILE,
                               "by_reason": dict(sorted(collections.Counter(
                                   f["reason"] for f in failures).items()))}
+    splits = self._info["splits"].values()
+    if all(s["num_without_video"] == s["num_examples"] for s in splits):
+      # An audio-only dataset (every input lacked video): say so, whatever frames the
+      # build would have taken from a video.
+      self._info["features"]["frames_per_clip"] = 0
     dataset_info.save(self.out_dir, self._info)
     return self._info
