@@ -75,3 +75,30 @@ def av_mae_forward_flops(model: ml_collections.ConfigDict,
   embeds = sum(2 * keep[m] * (values[m] * d + d * dd) + 2 * tokens[m] * dd * values[m]
                for m in tokens)  # patch embedding, decoder projection, output head
   return float(encoder + decoder + embeds)
+
+
+def window_block_flops(tokens: int, width: int, mlp_ratio: float, window_area: int) -> float:
+  """One Swin block: `block_flops` with each token attending to its window's tokens only."""
+  mlp = int(width * mlp_ratio)
+  return float(2 * tokens * width * (4 * width + 2 * mlp) + 2 * 2 * tokens * window_area * width)
+
+
+def audio_mae_forward_flops(model: ml_collections.ConfigDict,
+                            mask: ml_collections.ConfigDict) -> float:
+  """FLOPs of one example's forward pass of the Audio-MAE pretraining model (the Swin
+  decoder's relative position bias MLP is batch-independent and not counted)."""
+  p, d, dd = model.patch_size, model.embed_dim, model.decoder_embed_dim
+  t, f = model.audio_frames // p, model.mel_bins // p
+  tokens = t * f
+  keep = (int(t * (1 - mask.mask_t_prob)) * int(f * (1 - mask.mask_f_prob))
+          if mask.mode == "time_freq" else masking.num_visible(tokens, mask.ratio))
+  encoder = model.depth * block_flops(keep + 1, d, model.mlp_ratio)  # + the cls token
+  if model.decoder_mode == 1:
+    window = min(4, t) * min(4, f)
+    decoded = tokens  # the cls token is dropped before the Swin blocks
+    decoder = model.swin_depth * window_block_flops(tokens, dd, model.mlp_ratio, window)
+  else:
+    decoded = tokens + 1
+    decoder = model.decoder_depth * block_flops(decoded, dd, model.mlp_ratio)
+  embeds = 2 * keep * p * p * d + 2 * (keep + 1) * d * dd + 2 * decoded * dd * p * p
+  return float(encoder + decoder + embeds)

@@ -1,10 +1,12 @@
-"""Import an official CAV-MAE PyTorch checkpoint as an avmae training workdir.
+"""Import an official PyTorch checkpoint as an avmae training workdir.
 
     python -m avmae.import_torch --checkpoint=official.pth --config=configs/cav_mae.py:base \
         --workdir=DIR
 
-The checkpoint (a `CAVMAE` pretraining state_dict, with or without DataParallel's `module.`
-prefix; .pth or .safetensors) becomes checkpoint step 0 of DIR, with a fresh optimizer state
+The checkpoint is the official pretraining model of the config's method (`Method.
+import_state_dict`): CAV-MAE's `CAVMAE` state_dict, with or without DataParallel's `module.`
+prefix; Audio-MAE's `MaskedAutoencoderViT` (`{"model": state_dict, ...}` as its training
+saves it). .pth or .safetensors. It becomes checkpoint step 0 of DIR, with a fresh optimizer state
 and the config in DIR/config.json: `python -m avmae.train --workdir=DIR` continues pretraining
 from it and `python -m avmae.probe` (checkpoint_dir=DIR) probes it.
 """
@@ -23,7 +25,7 @@ import numpy as np
 from ml_collections import config_flags
 
 from avmae import checkpoint, optim, sharding, train
-from avmae.export import cav_mae_layout, files
+from avmae.export import files
 from avmae.methods import METHODS
 
 
@@ -35,8 +37,11 @@ def import_checkpoint(checkpoint_path: str, config: ml_collections.ConfigDict,
     raise ValueError(f"{workdir} already has checkpoints (step {mngr.latest_step()}); "
                      "import into a new workdir")
   method = METHODS[config.method](config)
+  if method.import_state_dict is None:
+    raise ValueError(f"config.method={config.method} has no official PyTorch checkpoint "
+                     "layout to import")
   try:
-    params = cav_mae_layout.from_official(files.load(checkpoint_path), method.model)
+    params = method.import_state_dict(files.load(checkpoint_path))
   except ValueError as e:
     raise ValueError(f"{checkpoint_path}: {e}") from None
   mesh = sharding.make_mesh(config.mesh)
@@ -62,7 +67,8 @@ def import_checkpoint(checkpoint_path: str, config: ml_collections.ConfigDict,
 
 
 def define_flags() -> None:
-  flags.DEFINE_string("checkpoint", None, "Official CAV-MAE state_dict (.pth, .safetensors).",
+  flags.DEFINE_string("checkpoint", None, "Official state_dict (.pth, .safetensors) of the "
+                      "config's method (CAV-MAE, Audio-MAE).",
                       required=True)
   config_flags.DEFINE_config_file("config", None, "Training config of the same model size.",
                                   lock_config=True)

@@ -110,6 +110,20 @@ def num_visible_tube(grid: tuple[int, int], mask_ratio: float) -> int:
   return slots * (per_slot - int(mask_ratio * per_slot))
 
 
+def time_freq_mask(keys: jax.Array, grid: tuple[int, int], mask_t_prob: float,
+                   mask_f_prob: float) -> Mask:
+  """Audio-MAE's 2-D masking of time-major tokens, `grid` = (time, frequency): per example,
+  int(T * (1 - mask_t_prob)) time rows and int(F * (1 - mask_f_prob)) frequency columns stay;
+  a token is visible where both do. The visible tokens keep their original order (official
+  sorts index + 999 * mask)."""
+  t, f = grid
+  keep_t, keep_f = int(t * (1 - mask_t_prob)), int(f * (1 - mask_f_prob))
+  u = _uniform(keys, t + f)
+  kept = _random_lines(u[:, :t], keep_t)[:, :, None] & _random_lines(u[:, t:], keep_f)[:, None, :]
+  order = jnp.arange(t * f, dtype=jnp.float32) + 999.0 * ~kept.reshape(-1, t * f)
+  return _mask_from_noise(order, keep_t * keep_f)
+
+
 def _tube(keys, num_tokens, mask_ratio, grid):
   if grid is None or grid[0] * grid[1] != num_tokens:
     raise ValueError(f"mask mode 'tube' needs grid=(time slots, tokens per slot) with a "

@@ -56,15 +56,21 @@ def _frame_for_display(frame: np.ndarray, kind: str) -> np.ndarray:
 Panel = tuple[str, str, Any, Any]
 
 
+def audio_panels(images: dict[str, Any]) -> list[Panel]:
+  """The spectrogram as input, masked input and reconstruction, from arrays under "audio",
+  "audio_masked", "audio_reconstruction" and "audio_mask"."""
+  return [("input", "spectrogram", images["audio"], None),
+          ("masked", "spectrogram", images["audio_masked"], images["audio_mask"]),
+          ("reconstruction", "spectrogram", images["audio_reconstruction"], None)]
+
+
 def audio_video_panels(images: dict[str, Any], image_kind: str = "image", max_times: int = 3
                        ) -> list[Panel]:
   """The panels of an audio-visual reconstruction: spectrogram and frame, each as input,
   masked input and reconstruction, from arrays under "audio", "audio_masked",
   "audio_reconstruction", "audio_mask" and the same of "frames". A clip [B, T, H, W, 3]
   shows up to `max_times` evenly spaced frames of each."""
-  panels = [("input", "spectrogram", images["audio"], None),
-            ("masked", "spectrogram", images["audio_masked"], images["audio_mask"]),
-            ("reconstruction", "spectrogram", images["audio_reconstruction"], None)]
+  panels = audio_panels(images)
   frames = images["frames"]
   if frames.ndim == 4:
     take, times = (lambda x, t: x), [None]

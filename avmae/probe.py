@@ -48,19 +48,34 @@ def _steps(config: ml_collections.ConfigDict) -> list[int | None]:
 
 
 def _data_config(config: ml_collections.ConfigDict, train_config, data_dir: str):
-  """The probe's data settings, with the input geometry the encoder was trained for."""
+  """The probe's data settings, with the input geometry and normalisation the encoder was
+  trained with (the training config's data section)."""
   data = ml_collections.ConfigDict(config.data.to_dict())
   data.dir = data_dir
-  model = train_config.model
-  data.audio_frames, data.image_size = model.audio_frames, model.image_size
-  # The training clip geometry (workdirs from before clips existed trained on one frame).
-  data.num_frames = train_config.data.get("num_frames", 1)
-  data.frame_stride = train_config.data.get("frame_stride", 1)
+  trained = train_config.data
+  data.audio_frames, data.image_size = trained.audio_frames, trained.image_size
+  # Workdirs from before clips and the normalisation choice existed: one frame, the
+  # dataset's own statistics.
+  data.num_frames = trained.get("num_frames", 1)
+  data.frame_stride = trained.get("frame_stride", 1)
+  data.log_mel_norm = trained.get("log_mel_norm", "dataset")
   mel_bins = dataset_info.load(data_dir)["features"]["mel_bins"]
-  if mel_bins != model.mel_bins:
+  if mel_bins != train_config.model.mel_bins:
     raise ValueError(f"config.data.dir={data_dir} has {mel_bins} mel bins, but the encoder of "
-                     f"{config.checkpoint_dir} was trained on {model.mel_bins}")
+                     f"{config.checkpoint_dir} was trained on {train_config.model.mel_bins}")
   return data
+
+
+def probe_modes(config: ml_collections.ConfigDict, feats: dict[str, np.ndarray]) -> list[str]:
+  """config.modes, or with () every mode the method's features have (CAV-MAE: audio, video,
+  audio_video; Audio-MAE: audio)."""
+  available = sorted(k for k in feats if not k.endswith("_layers") and k not in
+                     ("labels", "record_index"))
+  unknown = [m for m in config.modes if m not in available]
+  if unknown:
+    raise ValueError(f"config.modes={tuple(config.modes)}: the encoder has no {unknown} "
+                     f"features; it has {available}")
+  return list(config.modes) or available
 
 
 def _select_layer(feats: dict[str, np.ndarray], mode: str, layer: str) -> np.ndarray:
@@ -155,7 +170,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
             f"{time.perf_counter() - start:.1f} s", flush=True)
       multilabel = bool((train["labels"].sum(1) > 1).any() or (test["labels"].sum(1) > 1).any())
       base = {"step": label, "dataset": data_dir, "dataset_hash": extract.dataset_hash(data_dir)}
-      for mode in config.modes:
+      for mode in probe_modes(config, train):
         xs = [_select_layer(d, mode, config.layer) for d in (train, val, test)]
         mode_rows = probe_mode(config, xs[0], train["labels"], xs[1], val["labels"], xs[2],
                                test["labels"], multilabel)

@@ -37,10 +37,7 @@ RECIPES = {"tiny": {"total_steps": 1000, "checkpoint_every_steps": 250, "keep_ch
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
-  size = arg or "tiny"
-  if size not in MODEL_SIZES:
-    raise ValueError(f"configs/av_mae.py: unknown size {size!r}; one of {sorted(MODEL_SIZES)}")
-  return cav_mae.override(_base_config(size), RECIPES.get(size, {}))
+  return cav_mae.sized_config("av_mae", arg, MODEL_SIZES, _base_config, RECIPES)
 
 
 def _base_config(size: str) -> ml_collections.ConfigDict:

@@ -87,10 +87,17 @@ RECIPES["tiny_video"] = {**RECIPES["demo"], **_clips(8), "total_steps": 1000,
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
+  return sized_config("cav_mae", arg, MODEL_SIZES, _base_config, RECIPES)
+
+
+def sized_config(module: str, arg: str, sizes: dict, base_config, recipes: dict
+                 ) -> ml_collections.ConfigDict:
+  """configs/<module>.py's config of size `arg` (default tiny): `base_config(size)` with the
+  size's recipe overrides; an unknown size fails listing the known ones."""
   size = arg or "tiny"
-  if size not in MODEL_SIZES:
-    raise ValueError(f"configs/cav_mae.py: unknown size {size!r}; one of {sorted(MODEL_SIZES)}")
-  return override(_base_config(size), RECIPES.get(size, {}))
+  if size not in sizes:
+    raise ValueError(f"configs/{module}.py: unknown size {size!r}; one of {sorted(sizes)}")
+  return override(base_config(size), recipes.get(size, {}))
 
 
 def override(c: ml_collections.ConfigDict, values: dict) -> ml_collections.ConfigDict:

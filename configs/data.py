@@ -23,8 +23,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.prefetch_batches = 4  # batches prepared ahead, per process (or per worker)
   c.skip_corrupt = False  # True: skip records that fail their CRC or do not parse, and count
   c.batch_axes = ("data", "fsdp")  # mesh axes the batch dimension is split over
+  # How the log-mel is normalised, (x - mean) / std (avmae/data/dataset_info.py
+  # LOG_MEL_NORMS): "dataset" (its own statistics), "dataset_x2" (the std doubled, Audio-MAE's
+  # scale), "audioset_audio_mae" or "audioset_cav_mae" (the official recipes' constants).
+  c.log_mel_norm = "dataset"
   c.augment = ml_collections.ConfigDict()
   c.augment.time_roll = True  # CAV-MAE rolls the spectrogram in time during pretraining
+  c.augment.roll_gain = False  # Audio-MAE: roll the whole clip in time, random gain
   c.augment.noise = 0.0  # max scale of added uniform noise (CAV-MAE pretraining: 0.1)
   c.augment.freq_mask = 0  # SpecAugment: widest masked mel band (official finetune: 48)
   c.augment.time_mask = 0  # SpecAugment: widest masked span of frames (official: 192)

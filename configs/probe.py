@@ -26,7 +26,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.splits = ml_collections.ConfigDict(dict(
       train="train", val="", test="eval",
       val_fraction=0.2))  # val "": hold out this fraction of train (by record) for selection
-  c.modes = ("audio", "video", "audio_video")
+  c.modes = ()  # (): every mode of the method (CAV-MAE: audio, video, audio_video)
   # "final": the final features; "3": the mean-pooled output of layer 3 (0: the embeddings);
   # "weighted": every layer, combined by a learned softmax-weighted sum (AV-SUPERB).
   c.layer = "final"

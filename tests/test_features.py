@@ -35,13 +35,10 @@ except ImportError as e:  # optional dependency: its tests skip, the NumPy ones 
   _KNF_ERROR = f"kaldi-native-fbank cannot be imported ({e}): pip install kaldi-native-fbank"
 _NO_KNF = pytest.mark.skipif(_knf is None, reason=_KNF_ERROR)
 
-# The repo is cloned with shared/ beside it.
-FIXTURE_DIR = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "kaldi_fbank"
-FIXTURES = sorted(FIXTURE_DIR.glob("kaldi_fbank_*.npz")) if FIXTURE_DIR.is_dir() else []
-_NO_FIXTURES = pytest.mark.skip(reason=f"fixture directory {FIXTURE_DIR} is absent")
-FIXTURE_PARAMS = [pytest.param(p, id=p.stem) for p in FIXTURES] or [
-    pytest.param(None, marks=_NO_FIXTURES, id="no-fixtures")
-]
+# Golden outputs of the reference Kaldi fbank (shared/fixtures/kaldi_fbank), kept in the repo.
+FIXTURE_DIR = Path(__file__).resolve().parent / "golden" / "kaldi_fbank"
+FIXTURES = sorted(FIXTURE_DIR.glob("kaldi_fbank_*.npz"))
+FIXTURE_PARAMS = [pytest.param(p, id=p.stem) for p in FIXTURES]
 BACKENDS = [pytest.param(kaldi_fbank, id="numpy"),
             pytest.param(kaldi_native_fbank, id="kaldi_native", marks=_NO_KNF)]
 WINDOW_TYPES = ["hanning", "povey", "hamming", "rectangular", "blackman"]

@@ -44,12 +44,14 @@ def test_every_method_trains_probes_and_exports(name, size, tmp_path):
   rows = probe.run(probe_cfg, str(tmp_path / "probe"))
   method = METHODS[name](config)
   modes = {r["mode"] for r in rows}
-  assert set(probe_cfg.modes) | {f"retrieval_{d}" for d in method.retrieval} == modes
   assert all(np.isfinite(r["value"]) for r in rows if r["metric"] != "num_queries_with_ties")
 
   mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
   _, params = extract.load_params(extract.training_config(workdir), mesh, workdir, 2, 0)
   num_params = sum(x.size for x in jax.tree.leaves(params))
+  feature_modes = {k for k in jax.eval_shape(method.features, params, method.example_batch(2))
+                   if not k.endswith("_layers")}
+  assert feature_modes | {f"retrieval_{d}" for d in method.retrieval} == modes
   for fmt in method.export_formats:
     paths = to_torch.export(workdir, str(tmp_path / f"{fmt}.safetensors"), fmt)
     exported = [files.load(p) for p in paths]

@@ -35,6 +35,16 @@ def time_roll(log_mel: np.ndarray, rng: np.random.Generator) -> np.ndarray:
   return np.roll(log_mel, int(rng.integers(-log_mel.shape[0], log_mel.shape[0])), axis=0)
 
 
+def roll_gain(log_mel: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+  """Audio-MAE's `_roll_mag_aug` carried to the log-mel: official rolls the waveform by a
+  uniform [0, samples) and scales it by m ~ Beta(10, 10) + 0.5 before the fbank; here the clip's
+  frames roll by a uniform [0, frames) and 2 ln m is added (the power spectrum scales by m^2;
+  only bins at Kaldi's log floor differ, which official leaves at the floor)."""
+  shift = int(rng.integers(log_mel.shape[0]))
+  gain = 2.0 * np.log(rng.beta(10.0, 10.0) + 0.5)
+  return np.roll(log_mel.astype(np.float32), shift, axis=0) + np.float32(gain)
+
+
 def add_noise(log_mel: np.ndarray, rng: np.random.Generator, max_scale: float) -> np.ndarray:
   """Adds uniform [0, 1) noise times a scale drawn uniformly from [0, max_scale) (CAV-MAE's
   noise augmentation, whose max_scale is 0.1, on the normalised log-mel)."""

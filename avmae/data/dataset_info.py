@@ -51,6 +51,27 @@ def load(data_dir: str) -> dict[str, Any]:
   return info
 
 
+# config.data.log_mel_norm -> (mean, std) the log-mel is normalised with, as (x - mean) / std.
+# "dataset": the training split's own statistics (log_mel_stats); "dataset_x2": the same with
+# the std doubled (Audio-MAE's and AST's scale); or an official recipe's fixed AudioSet
+# constants (Audio-MAE main_pretrain.py norm_stats, std doubled in its dataset.py; CAV-MAE
+# run_cavmae_pretrain_base.sh).
+LOG_MEL_NORMS = {
+    "dataset": lambda stats: (stats["mean"], stats["std"]),
+    "dataset_x2": lambda stats: (stats["mean"], 2 * stats["std"]),
+    "audioset_audio_mae": lambda stats: (-4.2677393, 2 * 4.5689974),
+    "audioset_cav_mae": lambda stats: (-5.081, 4.4849),
+}
+
+
+def log_mel_norm(info: dict[str, Any], name: str) -> tuple[float, float]:
+  """(mean, std) of `LOG_MEL_NORMS[name]` for the dataset of `info`."""
+  if name not in LOG_MEL_NORMS:
+    raise ValueError(f"config.data.log_mel_norm={name!r}; one of {sorted(LOG_MEL_NORMS)}")
+  mean, std = LOG_MEL_NORMS[name](info["log_mel_stats"])
+  return float(mean), float(std)
+
+
 def num_without_video(info: dict[str, Any], split: str) -> int:
   """Clips of `split` stored with no frames (data_prep.build --require_video=false)."""
   # Datasets written before this count was kept have none, unless built from audio-only

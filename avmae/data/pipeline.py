@@ -56,6 +56,7 @@ class ExampleSpec:
   num_frames: int  # frames of a clip (1: one frame, [H, W, 3]; 0: audio only, no frames)
   frame_stride: int
   time_roll: bool
+  roll_gain: bool
   noise: float
   freq_mask: int
   time_mask: int
@@ -143,6 +144,8 @@ def _check_shapes(ex: dict[str, Any], spec: ExampleSpec, where: str) -> None:
 
 def _prepare_audio(log_mel: np.ndarray, spec: ExampleSpec, rng: np.random.Generator
                    ) -> np.ndarray:
+  if spec.train and spec.roll_gain:  # on the whole clip, before the crop (as official)
+    log_mel = augment.roll_gain(log_mel, rng)
   audio = augment.normalize_log_mel(augment.crop_or_pad(log_mel, spec.audio_frames),
                                     spec.log_mel_mean, spec.log_mel_std)
   if spec.train:
@@ -204,6 +207,7 @@ def prepare_example(record: RawRecord, rng: np.random.Generator, spec: ExampleSp
 def example_spec(cfg: ml_collections.ConfigDict, info: dict[str, Any], train: bool
                  ) -> ExampleSpec:
   feats, aug = info["features"], cfg.augment
+  mean, std = dataset_info.log_mel_norm(info, cfg.log_mel_norm)
   if cfg.all_frames and cfg.num_frames != 1:
     raise ValueError(f"config.data.all_frames=True takes every frame; it excludes "
                      f"data.num_frames={cfg.num_frames}")
@@ -214,10 +218,10 @@ def example_spec(cfg: ml_collections.ConfigDict, info: dict[str, Any], train: bo
       audio_frames=cfg.audio_frames, mel_bins=feats["mel_bins"],
       frame_size=tuple(feats["frame_size"]),
       image_size=(cfg.image_size,) * 2, frames_per_clip=feats["frames_per_clip"],
-      log_mel_mean=info["log_mel_stats"]["mean"], log_mel_std=info["log_mel_stats"]["std"],
+      log_mel_mean=mean, log_mel_std=std,
       num_classes=len(info["label_names"]), train=train, all_frames=cfg.all_frames,
       num_frames=cfg.num_frames, frame_stride=cfg.frame_stride,
-      time_roll=aug.time_roll, noise=aug.noise, freq_mask=aug.freq_mask,
+      time_roll=aug.time_roll, roll_gain=aug.roll_gain, noise=aug.noise, freq_mask=aug.freq_mask,
       time_mask=aug.time_mask, random_resized_crop=aug.random_resized_crop,
       crop_scale=tuple(aug.crop_scale), flip=aug.flip, skip_corrupt=cfg.skip_corrupt)
 

@@ -53,18 +53,22 @@ def norm_state_dict(p: Params) -> dict[str, np.ndarray]:
   return {"weight": np.asarray(p["scale"]), "bias": np.asarray(p["bias"])}
 
 
+def attention_state_dict(p: Params) -> dict[str, np.ndarray]:
+  """A vit.Attention's parameters as timm's attention (`qkv`, `proj`) state_dict."""
+  qkv = np.asarray(p["qkv_kernel"])  # [D, 3, H, Dh]
+  dim = qkv.shape[0]
+  return {"qkv.weight": qkv.reshape(dim, -1).T, "qkv.bias": np.asarray(p["qkv_bias"]).reshape(-1),
+          "proj.weight": np.asarray(p["out_kernel"]).reshape(-1, dim).T,
+          "proj.bias": np.asarray(p["out_bias"])}
+
+
 def block_state_dict(p: Params) -> dict[str, np.ndarray]:
   """A vit.Block's parameters as the timm / official block's state_dict (the modality norms
   only where the block has them)."""
   out: dict[str, np.ndarray] = {}
   for name in (n for n in _BLOCK_NORMS if n in p):
     out.update({f"{name}.{k}": v for k, v in norm_state_dict(p[name]).items()})
-  qkv = np.asarray(p["attn"]["qkv_kernel"])  # [D, 3, H, Dh]
-  dim = qkv.shape[0]
-  out["attn.qkv.weight"] = qkv.reshape(dim, -1).T
-  out["attn.qkv.bias"] = np.asarray(p["attn"]["qkv_bias"]).reshape(-1)
-  out["attn.proj.weight"] = np.asarray(p["attn"]["out_kernel"]).reshape(-1, dim).T
-  out["attn.proj.bias"] = np.asarray(p["attn"]["out_bias"])
+  out.update(prefixed("attn", attention_state_dict(p["attn"])))
   for name in (n for n in _BLOCK_NORMS2 if n in p):
     out.update({f"{name}.{k}": v for k, v in norm_state_dict(p[name]).items()})
   for fc in ("fc1", "fc2"):
@@ -259,28 +263,41 @@ def from_official(state_dict: dict[str, np.ndarray], model: Any) -> Params:
   return checkpoint.convert_layers(_template(sd, model), layer_stacks(model), model.scan_layers)
 
 
+def linear_params(sd: dict[str, np.ndarray], prefix: str) -> Params:
+  """Inverse of `linear_state_dict` for the Linear `prefix`."""
+  return {"kernel": sd[f"{prefix}.weight"].T, "bias": sd[f"{prefix}.bias"]}
+
+
+def norm_params(sd: dict[str, np.ndarray], prefix: str) -> Params:
+  """Inverse of `norm_state_dict` for the LayerNorm `prefix`."""
+  return {"scale": sd[f"{prefix}.weight"], "bias": sd[f"{prefix}.bias"]}
+
+
+def attention_params(sd: dict[str, np.ndarray], prefix: str, heads: int) -> Params:
+  """A vit.Attention's parameters from the timm attention `prefix` (`qkv`, `proj`)."""
+  w = sd[f"{prefix}.qkv.weight"]  # [3*H*Dh, D]
+  dim, head_dim = w.shape[1], w.shape[0] // 3 // heads
+  return {"qkv_kernel": w.T.reshape(dim, 3, heads, head_dim),
+          "qkv_bias": sd[f"{prefix}.qkv.bias"].reshape(3, heads, head_dim),
+          "out_kernel": sd[f"{prefix}.proj.weight"].T.reshape(heads, head_dim, dim),
+          "out_bias": sd[f"{prefix}.proj.bias"]}
+
+
+def block_params(sd: dict[str, np.ndarray], prefix: str, heads: int) -> Params:
+  """Inverse of `block_state_dict` for the block `prefix` (the head count is not in a
+  state_dict: it comes from the model's config)."""
+  out = {n: norm_params(sd, f"{prefix}.{n}") for n in _BLOCK_NORMS + _BLOCK_NORMS2
+         if f"{prefix}.{n}.weight" in sd}
+  out["attn"] = attention_params(sd, f"{prefix}.attn", heads)
+  out["mlp"] = {fc: linear_params(sd, f"{prefix}.mlp.{fc}") for fc in ("fc1", "fc2")}
+  return out
+
+
 def _template(sd: dict[str, np.ndarray], model: Any) -> Params:
   """Inverse of the conversions in `to_official` (head counts from `model`)."""
-  def linear(prefix):
-    return {"kernel": sd[f"{prefix}.weight"].T, "bias": sd[f"{prefix}.bias"]}
-
-  def norm(prefix):
-    return {"scale": sd[f"{prefix}.weight"], "bias": sd[f"{prefix}.bias"]}
-
-  def block(prefix):
-    w = sd[f"{prefix}.attn.qkv.weight"]  # [3*H*Dh, D]
-    dim = w.shape[1]
-    heads_x_dh = w.shape[0] // 3
-    bias = sd[f"{prefix}.attn.qkv.bias"]
-    heads = sd_heads[prefix.split(".")[0]]
-    out = {n: norm(f"{prefix}.{n}") for n in _BLOCK_NORMS + _BLOCK_NORMS2}
-    out["attn"] = {
-        "qkv_kernel": w.T.reshape(dim, 3, heads, heads_x_dh // heads),
-        "qkv_bias": bias.reshape(3, heads, heads_x_dh // heads),
-        "out_kernel": sd[f"{prefix}.attn.proj.weight"].T.reshape(heads, heads_x_dh // heads, dim),
-        "out_bias": sd[f"{prefix}.attn.proj.bias"]}
-    out["mlp"] = {"fc1": linear(f"{prefix}.mlp.fc1"), "fc2": linear(f"{prefix}.mlp.fc2")}
-    return out
+  linear = functools.partial(linear_params, sd)
+  norm = functools.partial(norm_params, sd)
+  block = lambda prefix: block_params(sd, prefix, sd_heads[prefix.split(".")[0]])
 
   d = sd["patch_embed_a.proj.weight"].shape[0]
   p = sd["patch_embed_a.proj.weight"].shape[-1]

@@ -37,8 +37,9 @@ def _preprocessing(config: Any) -> dict[str, Any]:
   except errors.SchemaError as e:  # a moved or deleted dataset must not block an export
     print(f"warning: no log-mel statistics in the metadata: {e}", flush=True)
     return out
-  out.update(log_mel_mean=info["log_mel_stats"]["mean"], log_mel_std=info["log_mel_stats"]["std"],
-             features=info["features"])
+  # Workdirs from before the choice existed normalised with the dataset's statistics.
+  mean, std = dataset_info.log_mel_norm(info, d.get("log_mel_norm", "dataset"))
+  out.update(log_mel_mean=mean, log_mel_std=std, features=info["features"])
   return out
 
 

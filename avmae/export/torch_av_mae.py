@@ -36,12 +36,15 @@ def sincos_1d_interleaved(dim: int, length: int) -> torch.Tensor:
 
 
 class Block(nn.Module):
-  def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
+  """timm's pre-norm ViT block, LayerNorm eps 1e-6 (scenic's and Audio-MAE's); GELU tanh
+  (scenic) or exact ("none", Audio-MAE)."""
+
+  def __init__(self, dim: int, num_heads: int, mlp_ratio: float, approximate: str = "tanh"):
     super().__init__()
     self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
     self.attn = Attention(dim, num_heads)
     self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
-    self.mlp = Mlp(dim, int(dim * mlp_ratio), approximate="tanh")
+    self.mlp = Mlp(dim, int(dim * mlp_ratio), approximate=approximate)
 
   def forward(self, x: torch.Tensor) -> torch.Tensor:
     x = x + self.attn(self.norm1(x))

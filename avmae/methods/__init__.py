@@ -4,6 +4,6 @@ The trainer looks a method up here by `config.method`; methods differ by config 
 never by forked trainers.
 """
 
-from avmae.methods import av_mae, cav_mae
+from avmae.methods import audio_mae, av_mae, cav_mae
 
-METHODS = {"av_mae": av_mae.build, "cav_mae": cav_mae.build}
+METHODS = {"audio_mae": audio_mae.build, "av_mae": av_mae.build, "cav_mae": cav_mae.build}

@@ -219,4 +219,5 @@ def build(config: ml_collections.ConfigDict) -> Method:
                 config_checks=lambda info, mesh: config_checks(config, info, mesh),
                 features=features,
                 retrieval={"a2v": ("audio", "video"), "v2a": ("video", "audio")},
-                export_formats=("av_mae",), export=export)
+                export_formats=("av_mae",), export=export,
+                import_state_dict=None)  # no official PyTorch model exists

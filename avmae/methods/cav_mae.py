@@ -166,4 +166,5 @@ def build(config: ml_collections.ConfigDict) -> Method:
                 retrieval={"a2v": ("audio", "video"), "v2a": ("video", "audio")},
                 export_formats=cav_mae_layout.export_formats(model),
                 export=lambda params, fmt, options: cav_mae_layout.export_files(
-                    params, model, config.model, fmt, options))
+                    params, model, config.model, fmt, options),
+                import_state_dict=lambda sd: cav_mae_layout.from_official(sd, model))

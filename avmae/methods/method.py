@@ -35,6 +35,9 @@ class Method(NamedTuple):
   export_formats: tuple[str, ...]  # PyTorch layouts; the first is the default
   # (params as NumPy, format, options) -> [(file-name suffix, state_dict, metadata)]
   export: Callable[[Any, str, dict[str, Any]], list[tuple[str, dict[str, Any], dict]]]
+  # state_dict (NumPy) of the method's official PyTorch model -> params, raising ValueError
+  # naming the key that does not fit (avmae.import_torch); None: no official layout exists
+  import_state_dict: Callable[[dict[str, Any]], Any] | None
 
 
 def raise_failed(checks: list[Check]) -> None:

@@ -33,7 +33,8 @@ class _Layer(Block):
     return y, (y if emit else None)
 
 
-def _remat(block: type[nn.Module], remat: str) -> type[nn.Module]:
+def remat_block(block: type[nn.Module], remat: str) -> type[nn.Module]:
+  """`block` recomputed in the backward pass as REMAT_POLICIES[remat] says."""
   if remat not in REMAT_POLICIES:
     raise ValueError(f"model.remat={remat!r}; one of {sorted(REMAT_POLICIES)}")
   if remat == "none":
@@ -49,8 +50,8 @@ def make_stack(name: str, depth: int, block: dict[str, Any], remat: str, scan_la
   _Layer (remat inside the scan, so each iteration recomputes only its own block). Call it
   in a module's setup."""
   if not scan_layers:
-    return [_remat(Block, remat)(**block, name=f"{name}_{i}") for i in range(depth)]
-  scanned = nn.scan(_remat(_Layer, remat), variable_axes={"params": 0},
+    return [remat_block(Block, remat)(**block, name=f"{name}_{i}") for i in range(depth)]
+  scanned = nn.scan(remat_block(_Layer, remat), variable_axes={"params": 0},
                     split_rngs={"params": True}, in_axes=nn.broadcast, length=depth,
                     metadata_params={nn.PARTITION_NAME: "layers"})
   return scanned(**block, name=name)

@@ -180,8 +180,9 @@ class Attention(nn.Module):
   # and v alone (flax's attention, scenic).
   fused_qkv_init: bool = True
 
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def qkv(self, x: jax.Array) -> jax.Array:
+    """[..., T, embed] -> [3, ..., T, heads, head_dim] (q, k, v). Call it from a compact
+    method (it declares the parameters)."""
     dim = x.shape[-1]
     head_dim = dim // self.num_heads
     qkv_axes = ("embed", None, "heads", "head_dim")
@@ -193,19 +194,28 @@ class Attention(nn.Module):
     qkv_bias = self.param("qkv_bias", nn.with_logical_partitioning(nn.initializers.zeros,
                                                                    qkv_axes[1:]),
                           (3, self.num_heads, head_dim), jnp.float32)
+    qkv = jnp.einsum("...td,dkhc->k...thc", x.astype(self.dtype), qkv_kernel.astype(self.dtype))
+    bias = qkv_bias.astype(self.dtype)
+    return qkv + bias.reshape(3, *(1,) * (qkv.ndim - 3), *bias.shape[1:])
+
+  def project_out(self, y: jax.Array) -> jax.Array:
+    """[..., T, heads, head_dim] -> [..., T, embed]: the output projection."""
+    heads, head_dim = y.shape[-2:]
+    dim = heads * head_dim
     out_kernel = self.param(
         "out_kernel", nn.with_logical_partitioning(xavier(in_axis=(0, 1), out_axis=2),
                                                    ("heads", "head_dim", "embed")),
-        (self.num_heads, head_dim, dim), jnp.float32)
+        (heads, head_dim, dim), jnp.float32)
     out_bias = self.param("out_bias", nn.with_logical_partitioning(nn.initializers.zeros,
                                                                    ("embed",)),
                           (dim,), jnp.float32)
-    qkv = jnp.einsum("btd,dkhc->kbthc", x.astype(self.dtype), qkv_kernel.astype(self.dtype))
-    qkv = qkv + qkv_bias.astype(self.dtype)[:, None, None]
-    q, k, v = (constrain(t, "batch", "tokens", "act_heads", None) for t in qkv)
-    y = dot_product_attention(q, k, v)
-    y = jnp.einsum("bthc,hcd->btd", y, out_kernel.astype(self.dtype))
+    y = jnp.einsum("...thc,hcd->...td", y, out_kernel.astype(self.dtype))
     return y + out_bias.astype(self.dtype)
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    q, k, v = (constrain(t, "batch", "tokens", "act_heads", None) for t in self.qkv(x))
+    return self.project_out(dot_product_attention(q, k, v))
 
 
 class Mlp(nn.Module):
