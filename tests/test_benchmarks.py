@@ -15,8 +15,10 @@ QUICK = {
     "input_pipeline": (["--quick", "--work_dir={tmp}"], "examples/s"),
     "data_prep_speed": (["--quick", "--work_dir={tmp}"], "clips/s/core"),
     "probe": (["--examples=256", "--grid=2", "--steps=20", "--batches=1"], "vmapped sweep"),
-    "train_step": (["--sizes=tiny", "--steps=1", "--remat=none", "--time_batch=tiny:4",
-                    "--memory_batches=tiny:4:8", "--matmul=256"], "per added example"),
+    # A size of another method's config module too (MODULE:NAME).
+    "train_step": (["--sizes=tiny,audio_mae:tiny", "--steps=1", "--remat=none",
+                    "--time_batch=tiny:4,audio_mae:tiny:4", "--memory_batches=tiny:4:8",
+                    "--matmul=256"], "audio_mae:tiny  none     4   float32"),
     # A size of another method's config module, at its config's global batch.
     "pod_fit": (["--sizes=av_mae:tiny", "--topologies=v5e-4", "--slices=1", "--remat=none",
                  "--out={tmp}/rows.jsonl"], "| av_mae:tiny | v5e-4 | 1 | none | 32 |"),

@@ -4,7 +4,9 @@
         [--remat=none,full,dots]
 
 A size `NAME@T` is configs/cav_mae.py:NAME on clips of T frames (e.g. base_video@8: the
-base video model at 8 frames, 4 x 14 x 14 = 784 video tokens).
+base video model at 8 frames, 4 x 14 x 14 = 784 video tokens); `MODULE:NAME` is a size of
+configs/MODULE.py (e.g. audio_mae:base). The analytic count is the method's own
+(`Method.train_step_flops`).
 
 For each model size it compiles the real train step (the trainer's `make_train_step`, same
 shardings, donated state) on a mesh over the local devices, with random inputs (no data
@@ -24,6 +26,7 @@ schedule keeps the recomputed activations as long), so read the CPU peak with th
 
 from __future__ import annotations
 
+import importlib
 import time
 
 from absl import app, flags
@@ -31,12 +34,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from avmae import flops, masking, optim, sharding, train
+from avmae import masking, optim, sharding, train
 from avmae.methods import METHODS
-from configs import cav_mae
 
 _SIZES = flags.DEFINE_list("sizes", ["tiny", "base"], "Model sizes of configs/cav_mae.py "
-                           "(NAME@T: clips of T frames).")
+                           "(NAME@T: clips of T frames; MODULE:NAME of configs/MODULE.py).")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per size (after one warm-up step).")
 _TIME_BATCH = flags.DEFINE_list("time_batch", ["tiny:32", "base:4"],
                                 "Global batch for timing, per size (base at 48 takes minutes "
@@ -60,14 +62,23 @@ def matmul_peak(n: int, dtype) -> float:
   return 2 * n**3 / best
 
 
-def _per_size(items: list[str]) -> dict[str, str]:
-  return dict(item.split(":", 1) for item in items)
+def _size_and_batches(item: str) -> tuple[str, list[int]]:
+  """"audio_mae:base:4:48" -> ("audio_mae:base", [4, 48]): the trailing numbers are batches."""
+  parts = item.split(":")
+  first = next(i for i, p in enumerate(parts) if p.isdigit())
+  return ":".join(parts[:first]), [int(p) for p in parts[first:]]
+
+
+def _per_size(items: list[str]) -> dict[str, int]:
+  return {size: batches[0] for size, batches in map(_size_and_batches, items)}
 
 
 def size_config(size: str):
-  """configs/cav_mae.py:NAME, or NAME@T: at clips of T frames."""
-  name, _, frames = size.partition("@")
-  config = cav_mae.get_config(name)
+  """configs/cav_mae.py:NAME, NAME@T at clips of T frames, or MODULE:NAME of
+  configs/MODULE.py."""
+  size, _, frames = size.partition("@")
+  module, _, name = size.rpartition(":")
+  config = importlib.import_module(f"configs.{module or 'cav_mae'}").get_config(name)
   if frames:
     config.model.num_frames = config.data.num_frames = int(frames)
   return config
@@ -131,8 +142,8 @@ def main(argv: list[str]) -> None:
   rows = []
   for size, remat in ((size, remat) for size in _SIZES.value for remat in _REMAT.value):
     config, mesh, rules, compiled, state, batch, compile_s = compile_step(
-        size, int(time_batch[size]), remat)
-    analytic = flops.cav_mae_train_step_flops(config)
+        size, time_batch[size], remat)
+    analytic = METHODS[config.method](config).train_step_flops
     xla = float(compiled.cost_analysis()["flops"]) * mesh.size
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       state, metrics = compiled(state, batch)
@@ -161,11 +172,11 @@ def main(argv: list[str]) -> None:
   print(f"{'size':<14}{'remat':>6}{'batch':>6}{'peak memory / device':>24}"
         f"{'per added example':>20}{'saved for backward':>21}")
   for item, remat in ((i, r) for i in _MEMORY_BATCHES.value for r in _REMAT.value):
-    size, *batches = item.split(":")
+    size, batches = _size_and_batches(item)
     if size not in _SIZES.value:
       continue
     previous = None
-    for b in sorted(int(x) for x in batches):
+    for b in sorted(batches):
       config, mesh, _, compiled, state, batch, _ = compile_step(size, b, remat)
       bytes_ = peak_bytes(compiled)
       # The state (parameters, Adam moments) is a fixed cost; activations grow per example.
