@@ -271,7 +271,7 @@ def test_import_then_export_round_trips_the_official_layout(tmp_path, suffix):
     for command in (["avmae.import_torch", f"--checkpoint={path}",
                      "--config=configs/audio_mae.py:tiny", f"--workdir={workdir}"],
                     ["avmae.export", f"--workdir={workdir}", "--format=audio_mae",
-                     f"--out={out}"]):
+                     f"--out={out}", "--wrap=model"]):
       run = subprocess.run([sys.executable, "-m", *command], cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=300)
       assert run.returncode == 0, run.stderr[-3000:]
@@ -283,6 +283,8 @@ def test_import_then_export_round_trips_the_official_layout(tmp_path, suffix):
     [out] = to_torch.export(workdir, out, "audio_mae")
   back = files.load(out)
   assert list(back) == list(sd) if suffix == ".pth" else sorted(back) == sorted(sd)
+  if suffix == ".pth":  # as official checkpoints: {"model": state_dict}
+    assert list(torch.load(out, weights_only=True)) == ["model"]
   for k in sd:
     np.testing.assert_array_equal(back[k], sd[k])
   meta = json.loads(pathlib.Path(out + ".json").read_text())

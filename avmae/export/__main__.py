@@ -19,13 +19,17 @@ def define_flags() -> None:
   flags.DEFINE_integer("num_classes", 527, "Outputs of the finetuning variants' mlp_head.")
   flags.DEFINE_bool("module_prefix", False, "Prefix keys with 'module.' (DataParallel, as the "
                     "released official checkpoints).")
+  flags.DEFINE_string("wrap", "", "Nest the .pth state_dict under this key: 'model' for "
+                      "Audio-MAE's official scripts (main_finetune_as.py --finetune reads "
+                      "checkpoint['model']); default a plain state_dict (load_state_dict).")
   flags.DEFINE_string("out", None, "Output file, .safetensors or .pth.", required=True)
 
 
 def main(argv: list[str]) -> None:
   del argv
   f = flags.FLAGS
-  to_torch.export(f.workdir, f.out, f.format, f.step, f.variant, f.num_classes, f.module_prefix)
+  to_torch.export(f.workdir, f.out, f.format, f.step, f.variant, f.num_classes, f.module_prefix,
+                  wrap=f.wrap)
 
 
 if __name__ == "__main__":

@@ -172,6 +172,6 @@ def export_files(params: Params, model: Any, fmt: str
   return [("", to_official(params, model), {
       "layout": "official Audio-MAE MaskedAutoencoderViT state_dict (facebookresearch/"
                 "AudioMAE models_mae.py); official checkpoints wrap it as {'model': "
-                "state_dict}",
+                "state_dict} (export --wrap=model)",
       "official_args": official_args(model), "torch_audio_mae_args": args,
       "preprocessing": preprocessing})]

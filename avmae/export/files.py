@@ -28,8 +28,10 @@ def _suffix(path: str) -> str:
   return suffix
 
 
-def save(path: str, state_dict: dict[str, np.ndarray], metadata: dict[str, Any]) -> None:
-  """Writes `state_dict` (order kept in .pth) and `<path>.json`; atomically (tmp + rename)."""
+def save(path: str, state_dict: dict[str, np.ndarray], metadata: dict[str, Any],
+         wrap: str = "") -> None:
+  """Writes `state_dict` (order kept in .pth; `wrap`: a .pth holding {wrap: state_dict}) and
+  `<path>.json`; atomically (tmp + rename)."""
   import torch  # lazy: export is the only torch user
   suffix = _suffix(path)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -40,7 +42,7 @@ def save(path: str, state_dict: dict[str, np.ndarray], metadata: dict[str, Any])
     from safetensors.torch import save_file
     save_file(tensors, tmp, metadata={"avmae": json.dumps(metadata)})
   else:
-    torch.save(tensors, tmp)
+    torch.save({wrap: tensors} if wrap else tensors, tmp)
   os.replace(tmp, path)
   with open(path + ".json", "w") as f:
     json.dump(metadata, f, indent=2)

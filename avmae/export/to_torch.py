@@ -45,10 +45,13 @@ def _preprocessing(config: Any) -> dict[str, Any]:
 
 def export(workdir: str, out: str, fmt: str = "", step: int | None = None,
            variant: str = "pretrain", num_classes: int = 527, module_prefix: bool = False,
-           seed: int = 0) -> list[str]:
+           seed: int = 0, wrap: str = "") -> list[str]:
   """Writes checkpoint `step` (default: the latest) of the training `workdir` in the method's
-  format `fmt` (default: its first); returns the written state_dict paths."""
+  format `fmt` (default: its first); returns the written state_dict paths. `wrap` nests each
+  .pth state_dict under that key (Audio-MAE's official checkpoints: "model")."""
   files._suffix(out)  # fail on a bad file name before loading anything
+  if wrap and files._suffix(out) == ".safetensors":
+    raise ValueError(f"--wrap={wrap!r} needs a .pth file: {out} is .safetensors (flat tensors)")
   config = extract.training_config(workdir)
   step = extract.saved_steps(workdir)[-1] if step is None else step
   mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
@@ -70,7 +73,8 @@ def export(workdir: str, out: str, fmt: str = "", step: int | None = None,
     path = f"{stem}{suffix}{ext}"
     # A method's own preprocessing facts (e.g. its pixel scaling) add to the shared ones.
     preprocessing = {**meta["preprocessing"], **extra.get("preprocessing", {})}
-    files.save(path, state_dict, {**meta, **extra, "preprocessing": preprocessing})
+    files.save(path, state_dict, {**meta, **extra, "preprocessing": preprocessing,
+                                  "wrapped_in": wrap or None}, wrap)
     written.append(path)
     print(f"wrote {path} ({os.path.getsize(path) / 2**20:.1f} MiB) and {path}.json", flush=True)
   return written
