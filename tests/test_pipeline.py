@@ -114,24 +114,54 @@ def test_global_arrays_sharded_over_batch_axes(dataset_dir):
                      mesh=mesh)
 
 
-def test_two_real_processes_read_the_single_process_batches(dataset_dir, tmp_path):
+def _two_processes(dataset_dir, out, layout):
   with socket.socket() as s:
     s.bind(("localhost", 0))
     port = s.getsockname()[1]
-  out = tmp_path / "two.npz"
   env = {**os.environ, "PYTHONPATH": os.path.dirname(TESTS_DIR)}
   procs = [subprocess.Popen([sys.executable, os.path.join(TESTS_DIR, "pipeline_process.py"),
-                             str(i), "2", str(port), dataset_dir, str(out)], env=env,
+                             str(i), "2", str(port), dataset_dir, str(out), layout], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
   logs = [p.communicate(timeout=300)[0].decode() for p in procs]
   assert [p.returncode for p in procs] == [0, 0], "\n".join(logs)
-  two = np.load(out)
+
+
+def _one_process_batches(dataset_dir, n):
   with pipeline.Batches(_cfg(dataset_dir), "train", train=True, seed=3,
                         global_batch_size=8) as b:
-    one = _take(b, 6)
-  for step, batch in enumerate(one):
+    return _take(b, n)
+
+
+def test_two_real_processes_read_the_single_process_batches(dataset_dir, tmp_path):
+  out = tmp_path / "two.npz"
+  _two_processes(dataset_dir, out, "data")
+  two = np.load(out)
+  for step, batch in enumerate(_one_process_batches(dataset_dir, 6)):
     for key, value in batch.items():
       np.testing.assert_array_equal(two[f"{key}_{step}"], value, err_msg=f"{key} step {step}")
+
+
+def test_a_tensor_axis_across_processes_gives_every_replica_the_same_rows(dataset_dir, tmp_path):
+  """Mesh {"data": 4, "fsdp": 1, "tensor": 2} with tensor replica t on process t: each
+  process's devices hold the whole batch (split over data only), so each process reads all 8
+  rows; every device's shard is those rows of the 1-process batch, on both replicas."""
+  _two_processes(dataset_dir, tmp_path / "two", "tensor_across")
+  parts = [np.load(tmp_path / f"two.{p}.npz") for p in range(2)]
+  for step, batch in enumerate(_one_process_batches(dataset_dir, 6)):
+    for p, part in enumerate(parts):
+      covered = set()
+      for name in part.files:
+        if not name.startswith(f"rows_{step}_"):
+          continue
+        device = name.split("_")[-1]
+        lo, hi = part[name]
+        assert hi - lo == 2, (lo, hi)  # 8 rows over the 4 data shards
+        covered |= set(range(lo, hi))
+        for key, value in batch.items():
+          np.testing.assert_array_equal(part[f"{key}_{step}_{device}"], value[lo:hi],
+                                        err_msg=f"process {p} {device} {key} step {step}")
+      assert covered == set(range(8)), f"process {p} holds rows {sorted(covered)}"
+  assert [int(part["num_skipped"]) for part in parts] == [0, 0]
 
 
 def test_eval_reads_in_order_once_with_padding(dataset_dir):

@@ -1,11 +1,15 @@
 """The input pipeline: indexed TFRecords -> grain -> global, sharded `jax.Array` batches.
 
-    indexed records (random access) -> permutation per epoch by seed -> this process's part
-    of each global batch -> prepare (parse, pick frames, crop/pad, normalise, augment) and
-    stack, one batch per grain worker task
-    -> jax.make_array_from_process_local_data over the mesh's batch axes
+    indexed records (random access) -> permutation per epoch by seed -> the rows of each
+    global batch that this process's devices hold -> prepare (parse, pick frames, crop/pad,
+    normalise, augment) and stack, one batch per grain worker task
+    -> each device's rows placed on it -> one global jax.Array of the global shape
 
-Every process reads a disjoint, contiguous part of each global batch, and the global batches
+With a mesh, a process reads exactly the rows that the batch sharding puts on its devices
+(`addressable_devices_indices_map`), so any mesh layout is right: where a mesh axis outside
+`data.batch_axes` (e.g. `tensor`) spans processes, every replica gets the same rows. Row r of
+global batch j is position j*G + r of the record stream, prepared with an RNG of (seed,
+position): the same numbers on any process count, mesh or worker count. The global batches
 walk through one permutation of the records per epoch, so an epoch covers every record
 exactly once. No TensorFlow or torch here.
 
@@ -27,11 +31,12 @@ import json
 import logging
 import math
 import sys
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import grain
 from absl import flags
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -257,21 +262,25 @@ def open_split(cfg: ml_collections.ConfigDict, split: str, train: bool
 
 
 class BatchSource:
-  """This process's local batch j, as a grain random-access source.
+  """The rows of global batch j that this process reads, as a grain random-access source.
 
   The records form one stream of positions s = 0, 1, 2, ...: in training, epoch s // N is a
   permutation of the N records drawn from (seed, epoch); in evaluation, the records in order
-  and then padding. Global batch j is positions [j*G, (j+1)*G) and process p reads the
-  contiguous part [j*G + p*L, j*G + (p+1)*L). Example s is prepared with an RNG seeded by
-  (seed, s), so batches are identical whatever the number of processes or grain workers.
+  and then padding. Global batch j is positions [j*G, (j+1)*G); this source reads rows
+  `rows` of it (default: process p's contiguous part [p*L, (p+1)*L), L = G / process_count).
+  Example s is prepared with an RNG seeded by (seed, s), so batches are identical whatever
+  the number of processes or grain workers.
   """
 
   def __init__(self, records: TFRecordSource, spec: ExampleSpec, seed: int,
-               global_batch_size: int, process_index: int, process_count: int):
+               global_batch_size: int, process_index: int = 0, process_count: int = 1,
+               rows: Sequence[int] | None = None):
     self._records, self.spec, self._seed = records, spec, seed
     self._global_batch_size = global_batch_size
-    self._local_batch_size = global_batch_size // process_count
-    self._offset = process_index * self._local_batch_size
+    if rows is None:
+      local = global_batch_size // process_count
+      rows = range(process_index * local, (process_index + 1) * local)
+    self.rows = [int(r) for r in rows]
     self._permutations: dict[int, np.ndarray] = {}
     # Evaluation: one pass over the records, the last global batch padded.
     self._len = sys.maxsize if spec.train else math.ceil(len(records) / global_batch_size)
@@ -297,8 +306,8 @@ class BatchSource:
     return prepare_example(self._records[record], rng, self.spec)
 
   def __getitem__(self, batch: int) -> dict[str, np.ndarray]:
-    start = batch * self._global_batch_size + self._offset
-    examples = [self._example(s) for s in range(start, start + self._local_batch_size)]
+    start = batch * self._global_batch_size
+    examples = [self._example(start + r) for r in self.rows]
     return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
 
@@ -312,20 +321,27 @@ def first_examples(cfg: ml_collections.ConfigDict, split: str, count: int
   return batch
 
 
+class Position(NamedTuple):
+  """Where a `Batches` stands: the next batch number and the records skipped so far (an int,
+  or with a mesh a replicated device scalar: reading it waits only for that batch's count)."""
+  next_batch: int
+  num_skipped: Any
+
+
 class Batches:
   """Iterates global batches; `get_state`/`set_state` resume exactly (same next batches).
 
-  With a mesh, every array is a global `jax.Array` whose batch dimension is split over the
-  mesh's batch axes; without one, batches are this process's numpy arrays. Records skipped
-  as corrupt are invalid rows (`valid` False); `num_skipped` counts them.
+  With a mesh, every array is a global `jax.Array` of shape [global_batch_size, ...] whose
+  batch dimension is split over the mesh's batch axes; each process reads the rows its
+  devices hold (any mesh layout over processes). Without one, batches are this process's
+  numpy arrays (its contiguous 1/process_count part). Records skipped as corrupt are invalid
+  rows (`valid` False); `num_skipped` counts them over the global batches.
   """
 
   def __init__(self, cfg: ml_collections.ConfigDict, split: str, *, train: bool, seed: int,
                global_batch_size: int, mesh: jax.sharding.Mesh | None = None):
     process_count = jax.process_count()
-    if global_batch_size % process_count:
-      raise ValueError(f"batch size {global_batch_size} is not divisible by the "
-                       f"{process_count} processes")
+    rows = None
     self._sharding = None
     if mesh is not None:
       self._sharding = sharding.batch_sharding(mesh, cfg.batch_axes)
@@ -333,18 +349,26 @@ class Batches:
       if global_batch_size % shards:
         raise ValueError(f"batch size {global_batch_size} is not divisible by the {shards} "
                          f"devices along the mesh's batch axes {tuple(cfg.batch_axes)}")
+      rows, self._devices, self._slices = _device_rows(self._sharding, global_batch_size)
+      replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+      self._count = jax.jit(lambda total, x: total + jnp.sum(x, dtype=jnp.int32),
+                            out_shardings=replicated)
+      self._replicated = replicated
+    elif global_batch_size % process_count:
+      raise ValueError(f"batch size {global_batch_size} is not divisible by the "
+                       f"{process_count} processes")
     records, spec = open_split(cfg, split, train)
     self.num_records = len(records)
     self.global_batch_size = global_batch_size
     self.source = BatchSource(records, spec, seed, global_batch_size, jax.process_index(),
-                              process_count)
+                              process_count, rows=rows)
     self._num_workers = cfg.num_workers
     # In worker processes the workers are the parallelism; one reader thread each.
     self._read_threads = 1 if cfg.num_workers > 0 else cfg.read_threads
     self._prefetch = cfg.prefetch_batches
     self._iter = None  # made at the first batch, from position `_next`
     self._next = 0
-    self.num_skipped = 0
+    self._skipped: Any = 0
 
   def __len__(self) -> int:
     return len(self.source)
@@ -364,16 +388,32 @@ class Batches:
           num_workers=self._num_workers, per_worker_buffer_size=self._prefetch))
     return iter(ds)
 
+  def _global(self, x: np.ndarray) -> jax.Array:
+    """This process's rows -> the global array: each device gets its rows of `x`."""
+    shards = jax.device_put([x[lo:hi] for lo, hi in self._slices], self._devices)
+    return jax.make_array_from_single_device_arrays(
+        (self.global_batch_size, *x.shape[1:]), self._sharding, shards)
+
   def __next__(self) -> dict[str, Any]:
     if self._iter is None:
       self._iter = self._start()
     batch = next(self._iter)
     self._next += 1
-    self.num_skipped += int(batch.pop("num_skipped").sum())
+    skipped = batch.pop("num_skipped")
     if self._sharding is None:
+      self._skipped += int(skipped.sum())
       return batch
-    return jax.tree.map(
-        lambda x: jax.make_array_from_process_local_data(self._sharding, x), batch)
+    if isinstance(self._skipped, int):
+      self._skipped = jax.make_array_from_callback((), self._replicated,
+                                                   lambda _, n=self._skipped: np.int32(n))
+    # Summed on the devices: every process learns the global count without waiting here.
+    self._skipped = self._count(self._skipped, self._global(skipped))
+    return {k: self._global(v) for k, v in batch.items()}
+
+  @property
+  def num_skipped(self) -> int:
+    """Records skipped as corrupt in the global batches read so far."""
+    return int(self._skipped)
 
   def close(self) -> None:
     """Stops grain's worker processes and frees their shared memory."""
@@ -388,15 +428,36 @@ class Batches:
   def __exit__(self, *exc) -> None:
     self.close()
 
-  def get_state(self) -> bytes:
-    """JSON bytes of the iterator state: the next batch number and the skip count.
+  def position(self) -> Position:
+    """Where the iterator stands, without waiting for anything (`get_state(position)` later
+    encodes it: e.g. the state before a batch that was read ahead)."""
+    return Position(self._next, self._skipped)
 
-    Batch j does not depend on the number of processes or workers, so a state restores
-    exactly into a pipeline with other worker or process counts too.
+  def get_state(self, position: Position | None = None) -> bytes:
+    """JSON bytes of the iterator state (now, or at `position`): the next global batch
+    number and the global skip count.
+
+    Batch j and the count do not depend on the number of processes, workers or the mesh, so
+    a state restores exactly into a pipeline with other worker or process counts too.
     """
-    return json.dumps({"next_batch": self._next, "num_skipped": self.num_skipped}).encode()
+    next_batch, skipped = position or self.position()
+    return json.dumps({"next_batch": next_batch, "num_skipped": int(skipped)}).encode()
 
   def set_state(self, state: bytes) -> None:
     state = json.loads(state)
     self.close()
-    self._next, self.num_skipped = state["next_batch"], state["num_skipped"]
+    self._next, self._skipped = state["next_batch"], int(state["num_skipped"])
+
+
+def _device_rows(batch_sharding: jax.sharding.Sharding, global_batch_size: int
+                 ) -> tuple[list[int], list[jax.Device], list[tuple[int, int]]]:
+  """(rows of the global batch this process reads, its devices, each device's [lo, hi) in
+  those rows), from the sharding's own index map: a device's rows are whatever the sharding
+  places on it, so replicas across processes (a mesh axis outside the batch axes that spans
+  processes) read the same rows."""
+  index_map = batch_sharding.addressable_devices_indices_map((global_batch_size,))
+  spans = {d: range(global_batch_size)[idx[0]] for d, idx in index_map.items()}
+  rows = sorted({r for span in spans.values() for r in span})
+  where = {r: i for i, r in enumerate(rows)}
+  slices = [(where[s[0]], where[s[0]] + len(s)) if len(s) else (0, 0) for s in spans.values()]
+  return rows, list(spans), slices
