@@ -11,7 +11,7 @@ with `xpk cluster create`):
 The image must hold the repository at its working directory with avmae installed
 (`pip install -e .[tpu]`); xpk runs the trainer in it on every host of every slice, and GKE
 sets what jax.distributed.initialize() and the multi-slice runtime read. --max_restarts lets
-the JobSet restart after a failure or preemption: the trainer resumes from the newest
+the JobSet restart after a preemption or a lost node: the trainer resumes from the newest
 checkpoint in the workdir. Every subcommand takes --dry_run.
 """
 
@@ -73,7 +73,7 @@ def parser() -> argparse.ArgumentParser:
   c.add_argument("--docker_image", required=True,
                  help="An image with the repository at its working directory, installed.")
   c.add_argument("--max_restarts", type=int, default=0,
-                 help="JobSet restarts after a failure or preemption (each resumes).")
+                 help="JobSet restarts after a preemption or lost node (each resumes).")
   c.add_argument("--priority", default="medium",
                  choices=["very-low", "low", "medium", "high", "very-high"])
   common.add_train_flags(c, "gs://BUCKET/PATH: checkpoints, metrics; a restart resumes from "
