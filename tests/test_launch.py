@@ -1,6 +1,7 @@
 """Launchers (experiments/launch): the dry runs of each against golden files, flag errors that
-name the flag, the commands carried out as printed (fake gcloud and sbatch), the shell quoting
-round trip, SLURM's device visibility, and a real two-process run of the local launcher."""
+name the flag, the commands carried out as printed (fake gcloud, xpk and sbatch), the shell
+quoting round trip, SLURM's device visibility, and real two-process runs: the local launcher's,
+and the sbatch script's command under the variables SLURM gives each task."""
 
 import io
 import json
@@ -213,15 +214,26 @@ def test_wait_stops_the_others_when_one_fails():
   assert "[0] bye\n" in out.getvalue()
 
 
-def test_local_launcher_trains_with_two_processes(tmp_path):
+@pytest.fixture(scope="module")
+def synthetic_dir(tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("synthetic"))
+  make_synthetic.make_synthetic(out, num_train=64, num_eval=16, num_shards=2)
+  return out
+
+
+def tiny_overrides(data: str, steps: int) -> list[str]:
+  return [f"--config.data.dir={data}", "--config.data.batch_size=16",
+          f"--config.total_steps={steps}", "--config.log_every_steps=1",
+          "--config.image_every_steps=1000", "--config.checkpoint_every_steps=1000",
+          "--config.mesh.data=8"]
+
+
+def test_local_launcher_trains_with_two_processes(synthetic_dir, tmp_path):
   """A real run: 2 processes x 4 CPU devices, 3 steps of the tiny config, through launch()
   and wait(); process 0 writes the metrics and both write the checkpoint."""
-  data, workdir = str(tmp_path / "data"), tmp_path / "run"
-  make_synthetic.make_synthetic(data, num_train=64, num_eval=16, num_shards=2)
-  args = common.train_args("configs/cav_mae.py:tiny", str(workdir), [
-      f"--config.data.dir={data}", "--config.data.batch_size=16", "--config.total_steps=3",
-      "--config.log_every_steps=1", "--config.image_every_steps=1000",
-      "--config.checkpoint_every_steps=1000", "--config.mesh.data=8"])
+  workdir = tmp_path / "run"
+  args = common.train_args("configs/cav_mae.py:tiny", str(workdir),
+                           tiny_overrides(synthetic_dir, 3))
   out = io.StringIO()
   codes = local.wait(local.launch(args, 2, cpu_devices=4, cwd=str(REPO)), out=out)
   lines = out.getvalue().splitlines()
@@ -230,3 +242,28 @@ def test_local_launcher_trains_with_two_processes(tmp_path):
   metrics = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert [m["step"] for m in metrics] == [1, 2, 3]
   assert (workdir / "checkpoints" / "3").is_dir()
+
+
+def test_slurm_script_trains_under_slurm_variables(synthetic_dir, tmp_path):
+  """The sbatch script's environment and srun command, run as srun would on 2 nodes (here 2
+  processes x 4 CPU devices with the variables SLURM gives each task): `--distributed` finds
+  the other process through jax's SLURM detection, and the 2 steps train as one run."""
+  workdir = tmp_path / "run"
+  args = common.parse(slurm.parser(), [
+      "--nodes=2", "--config=configs/cav_mae.py:tiny", f"--workdir={workdir}",
+      f"--python={sys.executable}", "--", *tiny_overrides(synthetic_dir, 2)])
+  lines = slurm.script(args).splitlines()
+  exports = dict(shlex.split(l.removeprefix("export "))[0].split("=", 1)
+                 for l in lines if l.startswith("export "))
+  srun = shlex.split(next(l for l in lines if l.startswith("srun ")))
+  assert srun[:2] == ["srun", "--kill-on-bad-exit=1"] and "--distributed" in srun
+  slurm_env = {"SLURM_JOB_ID": "5", "SLURM_STEP_NODELIST": "localhost", "SLURM_NTASKS": "2",
+               "SLURM_LOCALID": "0", "JAX_COORDINATOR_PORT": str(local.free_port()),
+               "JAX_NUM_CPU_DEVICES": "4"}
+  plan = [common.Run(srun[2:], {**exports, **slurm_env, "SLURM_PROCID": str(i)})
+          for i in range(2)]
+  out = io.StringIO()
+  codes = local.wait(local.start(plan, cwd=str(REPO)), out=out)
+  assert codes == [0, 0], out.getvalue()[-6000:]
+  metrics = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert [m["step"] for m in metrics] == [1, 2]
