@@ -23,7 +23,7 @@ are written on export and checked (not loaded) on import. Exports take either la
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -237,12 +237,92 @@ def _zeros(model: Any) -> Params:
   return jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), nn.meta.unbox(boxed)["params"])
 
 
-def from_official(state_dict: dict[str, np.ndarray], model: Any) -> Params:
+# Keys of an `IN-initial.pth` (the official adapt_vmae_weights.py output) that CAVMAE does not
+# define; the official loader's strict=False ignores them, so does the import (listing them).
+IGNORED_EXTRA_KEYS = ("cls_token_a", "cls_token_v", "cls_token_av")
+
+
+def is_mae_vit(state_dict: dict[str, Any]) -> bool:
+  """A facebookresearch/mae ViT checkpoint (blocks.N.*, patch_embed, decoder_*), not CAVMAE."""
+  return any(k.removeprefix("module.").startswith("blocks.0.") for k in state_dict)
+
+
+def mae_vit_to_official(mae: dict[str, np.ndarray], initial: dict[str, np.ndarray],
+                        modality_specific_depth: int, audio_values: int
+                        ) -> tuple[dict[str, np.ndarray], list[str]]:
+  """The official adapt_vmae_weights.py: an ImageNet MAE (ViT encoder + decoder) as a CAVMAE
+  state_dict. Names both models have load as they are (its strict=False load: mask_token,
+  norm, decoder_embed, decoder_blocks, decoder_norm); the first `modality_specific_depth`
+  blocks go to both blocks_a and blocks_v, the rest to blocks_u with their norms copied to the
+  _a / _v norms; norm to norm_a and norm_v; pos_embed / decoder_pos_embed without the cls row
+  to the video ones; the audio patch embedding is the RGB kernel summed over channels; the
+  audio head is the first `audio_values` rows of the image head. Every other key keeps its
+  `initial` value (a CAVMAE state_dict of a fresh initialisation). Returns the state_dict and
+  the keys left at `initial`."""
+  sd = dict(initial)
+  loaded = {k: v for k, v in mae.items() if k in initial and not k.startswith("blocks.")}
+  depth = 1 + max(int(k.split(".")[1]) for k in mae if k.startswith("blocks."))
+  for key, value in mae.items():
+    if not key.startswith("blocks."):
+      continue
+    _, index, rest = key.split(".", 2)
+    i = int(index)
+    if i < modality_specific_depth:
+      loaded.update({f"blocks_a.{i}.{rest}": value, f"blocks_v.{i}.{rest}": value})
+    else:
+      shared = f"blocks_u.{i - modality_specific_depth}"
+      loaded[f"{shared}.{rest}"] = value
+      if rest.startswith(("norm1.", "norm2.")):
+        norm, leaf = rest.split(".")
+        loaded.update({f"{shared}.{norm}_a.{leaf}": value, f"{shared}.{norm}_v.{leaf}": value})
+  shared = len({k.split(".")[1] for k in initial if k.startswith("blocks_u.")})
+  if depth != modality_specific_depth + shared:
+    raise ValueError(f"the MAE ViT has {depth} blocks; this CAVMAE takes "
+                     f"{modality_specific_depth} per modality and {shared} shared")
+  loaded.update({f"norm_{m}.{leaf}": mae[f"norm.{leaf}"] for m in "av" for leaf in
+                 ("weight", "bias")})
+  loaded["pos_embed_v"] = mae["pos_embed"][:, 1:]
+  loaded["decoder_pos_embed_v"] = mae["decoder_pos_embed"][:, 1:]
+  loaded["patch_embed_a.proj.weight"] = mae["patch_embed.proj.weight"].sum(1, keepdims=True)
+  loaded["patch_embed_a.proj.bias"] = mae["patch_embed.proj.bias"]
+  loaded["patch_embed_v.proj.weight"] = mae["patch_embed.proj.weight"]
+  loaded["patch_embed_v.proj.bias"] = mae["patch_embed.proj.bias"]
+  loaded["decoder_pred_a.weight"] = mae["decoder_pred.weight"][:audio_values]
+  loaded["decoder_pred_a.bias"] = mae["decoder_pred.bias"][:audio_values]
+  loaded["decoder_pred_v.weight"] = mae["decoder_pred.weight"]
+  loaded["decoder_pred_v.bias"] = mae["decoder_pred.bias"]
+  unknown = sorted(set(loaded) - set(initial))
+  if unknown:
+    raise ValueError(f"the MAE ViT does not fit this CAVMAE: {unknown[:5]} (a different depth?)")
+  sd.update(loaded)
+  return sd, sorted(set(initial) - set(loaded))
+
+
+def from_official(state_dict: dict[str, np.ndarray], model: Any,
+                  initial: Callable[[], Params] | None = None) -> Params:
   """Our parameters (in the model's layer layout) from an official `CAVMAE` state_dict (a
   "module." prefix is stripped) for `model` (a CAVMAE module). Keys and shapes must be exactly
   the model's; the frozen position embeddings must equal our sin-cos constants (trained ones
-  cannot be represented). Raises ValueError naming what does not fit."""
+  cannot be represented). Raises ValueError naming what does not fit.
+
+  Also accepted, as the official pretraining starts from them: an `IN-initial.pth` (its
+  cls_token_a/v/av, which CAVMAE lacks, are listed and ignored) and a facebookresearch/mae
+  ViT checkpoint, mapped as adapt_vmae_weights.py does (`mae_vit_to_official`; what it does
+  not cover comes from `initial()`, our initialisation, and is listed)."""
   sd = {k.removeprefix("module."): np.asarray(v, np.float32) for k, v in state_dict.items()}
+  if is_mae_vit(sd):
+    if initial is None:
+      raise ValueError("a MAE ViT checkpoint needs the model's initialisation for the keys it "
+                       "does not cover")
+    sd, kept = mae_vit_to_official(sd, _pretrain_layout(initial(), model),
+                                   model.modality_specific_depth, model.patch_size ** 2)
+    print(f"MAE ViT mapped as adapt_vmae_weights.py; initialised, not loaded: {kept}",
+          flush=True)
+  ignored = [k for k in IGNORED_EXTRA_KEYS if k in sd]
+  if ignored:
+    print(f"ignored keys CAVMAE does not have (as the official strict=False load): {ignored}",
+          flush=True)
+    sd = {k: v for k, v in sd.items() if k not in ignored}
   if "mlp_head.1.weight" in sd or "decoder_embed.weight" not in sd:
     raise ValueError("state_dict is not the official pretraining model CAVMAE (it has "
                      f"{'an mlp_head' if 'mlp_head.1.weight' in sd else 'no decoder'}: a "

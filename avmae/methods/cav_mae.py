@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from avmae import flops, losses, masking, plots
 from avmae.data.augment import normalize_image
@@ -79,6 +81,11 @@ def build(config: ml_collections.ConfigDict) -> Method:
   def init(key: jax.Array, batch: Batch) -> Any:
     return model.init(key, batch["audio"], normalize_image(batch["frames"]),
                       *batch_masks(batch, key))
+
+  def initial() -> Any:
+    """A fresh initialisation (config.seed) as NumPy: what a MAE ViT import does not cover."""
+    boxed = jax.jit(lambda: init(jax.random.key(config.seed), example_batch(1)))()
+    return jax.tree.map(np.asarray, nn.meta.unbox(boxed)["params"])
 
   def example_batch(batch_size: int) -> Batch:
     """Zeros of the step's input shapes (what init traces with; no data needed)."""
@@ -167,4 +174,4 @@ def build(config: ml_collections.ConfigDict) -> Method:
                 export_formats=cav_mae_layout.export_formats(model),
                 export=lambda params, fmt, options: cav_mae_layout.export_files(
                     params, model, config.model, fmt, options),
-                import_state_dict=lambda sd: cav_mae_layout.from_official(sd, model))
+                import_state_dict=lambda sd: cav_mae_layout.from_official(sd, model, initial))
