@@ -21,9 +21,13 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec
 
 
-def manager(workdir: str, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
+def manager(workdir: str, keep: int, async_save: bool = True, keep_period: int = 0
+            ) -> ocp.CheckpointManager:
+  """Keeps the newest `keep` checkpoints and, with `keep_period` k > 0, every step that is a
+  multiple of k as well (e.g. for probe curves)."""
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                         enable_async_checkpointing=async_save)
+                                         enable_async_checkpointing=async_save,
+                                         keep_period=keep_period or None)
   return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
                                options=options, item_names=("state", "data", "config"))
 
@@ -101,12 +105,44 @@ def is_scanned(params: Mapping[str, Any], stacks: Mapping[str, int]) -> bool:
   return any(name in params for name in stacks)
 
 
+def saved_config(step_dir: str) -> dict[str, Any]:
+  """The config (as JSON) that the checkpoint in `step_dir` was saved with."""
+  return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(os.path.join(step_dir, "config"))
+
+
 def saved_scan_layers(step_dir: str) -> bool:
   """The layer layout of the checkpoint in `step_dir`: its config item's model.scan_layers
   (checkpoints saved before that switch existed hold the unrolled layout)."""
-  config = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(
-      os.path.join(step_dir, "config"))
-  return bool(config["model"].get("scan_layers", False))
+  return bool(saved_config(step_dir)["model"].get("scan_layers", False))
+
+
+# Keys a resumed run may change although they are under `model`: the same parameters.
+RESUMABLE_MODEL_KEYS = ("remat", "scan_layers")
+# The input shapes: a resumed run keeps them (and the model) as the checkpoint's.
+SHAPE_DATA_KEYS = ("audio_frames", "image_size", "num_frames", "all_frames")
+
+
+def check_resume_config(step_dir: str, config: ml_collections.ConfigDict) -> None:
+  """Fails naming every key of the method, model or input shapes that differs from the
+  checkpoint's config: a resumed run trains the model it saved."""
+  def flat(tree, prefix=""):
+    return {f"{prefix}{k}": v for k, v in tree.items()}
+  now = json.loads(config.to_json())
+  saved = saved_config(step_dir)
+  keys = (["method"] + [f"model.{k}" for k in sorted(now["model"])
+                        if k not in RESUMABLE_MODEL_KEYS]
+          + [f"data.{k}" for k in SHAPE_DATA_KEYS])
+  flat_now = {"method": now["method"], **flat(now["model"], "model."),
+              **flat(now["data"], "data.")}
+  flat_saved = {"method": saved.get("method"), **flat(saved.get("model", {}), "model."),
+                **flat(saved.get("data", {}), "data.")}
+  # A key the saved config lacks was added after it was written (an older workdir): skipped.
+  changed = [f"config.{k}={flat_now[k]!r} (the checkpoint has {flat_saved[k]!r})"
+             for k in keys if k in flat_saved and flat_saved[k] != flat_now[k]]
+  if changed:
+    raise ValueError(f"{step_dir}: resuming needs the checkpoint's model and input shapes; "
+                     f"changed: {', '.join(changed)}. Use another workdir (with "
+                     "config.init_checkpoint to start from these parameters)")
 
 
 def _load_converted(path: str, load: Callable[[Any], Any], target: Any,

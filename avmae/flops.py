@@ -102,3 +102,41 @@ def audio_mae_forward_flops(model: ml_collections.ConfigDict,
     decoder = model.decoder_depth * block_flops(decoded, dd, model.mlp_ratio)
   embeds = 2 * keep * p * p * d + 2 * (keep + 1) * d * dd + 2 * decoded * dd * p * p
   return float(encoder + decoder + embeds)
+
+
+# ----------------------------------------------------------------------------- peak FLOP/s
+# Dense peak FLOP/s per device by `device_kind` (bfloat16 matmuls, vendors' figures; a TPU
+# device is one chip: v4 and v5p in megacore mode), for MFU = achieved / peak. Looked up by
+# the longest matching prefix of the kind, case-insensitive.
+PEAK_FLOPS_PER_DEVICE = {
+    "tpu v4": 275e12,
+    "tpu v5 lite": 197e12,   # v5e
+    "tpu v5e": 197e12,
+    "tpu v5": 459e12,        # v5p (its device_kind is "TPU v5")
+    "tpu v5p": 459e12,
+    "tpu v6 lite": 918e12,   # v6e (Trillium)
+    "tpu v6e": 918e12,
+    "nvidia h100 pcie": 756e12,
+    "nvidia h100": 989e12,   # SXM (device_kind "NVIDIA H100 80GB HBM3")
+    "nvidia a100": 312e12,
+}
+# CPU: not a vendor figure but measured: float32 2048^3 matmuls in JAX on this project's
+# 2-core development machine, 414 GFLOP/s (docs/speed.md). It is the whole machine's: the
+# simulated CPU devices of one process share its cores, so it counts once per process.
+CPU_PEAK_FLOPS_PER_PROCESS = 414e9
+
+
+def peak_flops_per_device(device_kind: str) -> float | None:
+  """The table's peak for a device kind; None when the kind is not in it."""
+  kind = device_kind.lower()
+  matches = [k for k in PEAK_FLOPS_PER_DEVICE if kind.startswith(k)]
+  return PEAK_FLOPS_PER_DEVICE[max(matches, key=len)] if matches else None
+
+
+def peak_flops(devices) -> float | None:
+  """Peak FLOP/s of all `devices` together (None: a device kind without a figure)."""
+  devices = list(devices)
+  if all(d.platform == "cpu" for d in devices):
+    return CPU_PEAK_FLOPS_PER_PROCESS * len({d.process_index for d in devices})
+  peaks = [peak_flops_per_device(d.device_kind) for d in devices]
+  return None if None in peaks else float(sum(peaks))

@@ -6,12 +6,11 @@ train state, the data-iterator state and the config; auto-resume from the workdi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from importlib import metadata
 from typing import Any, NamedTuple
 
@@ -24,10 +23,11 @@ import numpy as np
 import optax
 from ml_collections import config_flags
 
-from avmae import checkpoint, executable, masking, optim, sharding
+from avmae import checkpoint, distributed, executable, flops, masking, optim, sharding
 from avmae.data import dataset_info, pipeline
 from avmae.methods import METHODS
 from avmae.methods.method import raise_failed
+from avmae.monitoring import MetricWriter, Profile, StepTimes
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy")
 
@@ -45,7 +45,11 @@ def validate(config: ml_collections.ConfigDict, info: dict[str, Any], mesh: jax.
   d = config.data
   shards = sharding.num_batch_shards(mesh, d.batch_axes)
   micro = config.optimizer.accumulation_steps
+  profile = tuple(config.profile_steps)
   raise_failed([
+      (profile == () or (len(profile) == 2 and 1 <= profile[0] <= profile[1]),
+       "profile_steps", f"{profile}: () (off) or (first, last) with 1 <= first <= last"),
+      (config.keep_period >= 0, "keep_period", f"{config.keep_period} must be >= 0 (0: off)"),
       (d.batch_size % shards == 0, "data.batch_size",
        f"{d.batch_size} is not divisible by the mesh's batch axes {tuple(d.batch_axes)} "
        f"({shards} devices)"),
@@ -74,37 +78,6 @@ def write_run_info(workdir: str, config: ml_collections.ConfigDict) -> None:
                "python": sys.version.split()[0], "argv": sys.argv,
                "devices": [str(d) for d in jax.devices()],
                "process_count": jax.process_count()}, f, indent=2)
-
-
-class MetricWriter:
-  """metrics.jsonl, TensorBoard events and stdout, written by process 0 only."""
-
-  def __init__(self, workdir: str):
-    self._enabled = jax.process_index() == 0
-    if self._enabled:
-      from tensorboardX import SummaryWriter
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-
-  def scalars(self, step: int, values: dict[str, float]) -> None:
-    if not self._enabled:
-      return
-    self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
-    self._jsonl.flush()
-    for k, v in values.items():
-      self._tb.add_scalar(k, v, step)
-    text = " ".join(f"{k}={v:.4g}" for k, v in values.items())
-    print(f"step {step}: {text}", flush=True)
-
-  def image(self, step: int, name: str, path: str) -> None:
-    if self._enabled:
-      import matplotlib.image
-      self._tb.add_image(name, matplotlib.image.imread(path)[..., :3], step, dataformats="HWC")
-
-  def close(self) -> None:
-    if self._enabled:
-      self._jsonl.close()
-      self._tb.close()
 
 
 # ----------------------------------------------------------------------------- train step
@@ -228,20 +201,43 @@ def build_program(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
 
 # ----------------------------------------------------------------------------- main loop
 
+class _Pending(NamedTuple):
+  """A dispatched step whose results the host has not waited for yet."""
+  step: int
+  metrics: dict[str, jax.Array]
+  nonfinite_step: jax.Array | None  # a copy (the state is donated to the next step); logged
+  data: pipeline.Position           # the pipeline after this step's batch
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains to config.total_steps, resuming from the newest checkpoint; returns last metrics."""
+  with contextlib.ExitStack() as cleanup:  # what was opened is closed, whatever happens
+    return _train(config, workdir, cleanup)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, cleanup: contextlib.ExitStack
+           ) -> dict[str, float]:
+  if config.compilation_cache_dir:  # before anything compiles
+    jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
   # --- mesh ----------------------------------------------------------------------------
   mesh = sharding.make_mesh(config.mesh, dcn=config.dcn_mesh)
   rules = tuple(tuple(r) for r in config.sharding_rules)
   info = dataset_info.load(config.data.dir)
   validate(config, info, mesh)
   os.makedirs(workdir, exist_ok=True)
+  mngr = checkpoint.manager(workdir, config.keep_checkpoints, keep_period=config.keep_period)
+  cleanup.callback(mngr.close)
+  cleanup.callback(mngr.wait_until_finished)  # first: a save under way is finished
+  latest = mngr.latest_step()
+  if latest is not None:  # before compiling: a changed model or input shape fails here
+    checkpoint.check_resume_config(os.path.join(str(mngr.directory), str(latest)), config)
   if jax.process_index() == 0:
     write_run_info(workdir, config)
 
   # --- data ----------------------------------------------------------------------------
-  batches = pipeline.Batches(config.data, config.data.train_split, train=True, seed=config.seed,
-                             global_batch_size=config.data.batch_size, mesh=mesh)
+  batches = cleanup.enter_context(pipeline.Batches(
+      config.data, config.data.train_split, train=True, seed=config.seed,
+      global_batch_size=config.data.batch_size, mesh=mesh))
   steps_per_epoch = -(-info["splits"][config.data.train_split]["num_examples"]
                       // config.data.batch_size)
 
@@ -263,11 +259,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                      else config.data.train_split)  # datasets without an eval split
     picture_batch = jax.device_put(
         pipeline.first_examples(config.data, picture_split, 4), replicated)
-    p_reconstruct = jax.jit(method.reconstruct, out_shardings=replicated)
+    picture_key = jax.random.key(config.seed)
+    # Compiled now, not at the first picture step (hours into a run, on a pod).
+    p_reconstruct = jax.jit(method.reconstruct, out_shardings=replicated).lower(
+        abstract["params"], picture_batch, picture_key).compile()
 
   # --- restore -------------------------------------------------------------------------
-  mngr = checkpoint.manager(workdir, config.keep_checkpoints)
-  latest = mngr.latest_step()
   if latest is not None:
     target = abstract  # carries the state's shardings
     # Restored in the layer layout the checkpoint's config records, converted to this run's.
@@ -284,59 +281,88 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
       print(f"initialised parameters from {config.init_checkpoint}", flush=True)
 
   # --- loop ----------------------------------------------------------------------------
-  preempted = []
-  signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
-  writer = MetricWriter(workdir)
+  # The host runs one step ahead of the devices: it dispatches step s, reads batch s + 1 onto
+  # the devices, then waits for step s - 1 and logs it. Nothing in a step waits for the host.
   step = int(jax.device_get(state["step"]))
+  writer = MetricWriter(workdir, step)  # metrics.jsonl cut back to the restored step
+  cleanup.callback(writer.close)
+  preemption = distributed.Preemption()
+  cleanup.callback(preemption.close)
+  times = StepTimes(step, peak_flops=flops.peak_flops(mesh.devices.flat),
+                    step_flops=method.train_step_flops, batch_size=config.data.batch_size)
+  profile = Profile(config.profile_steps, os.path.join(workdir, "profile"))
+  cleanup.callback(profile.close)
   last_metrics: dict[str, float] = {}
-  window_start, window_steps = time.perf_counter(), 0
 
-  def save(step: int, state) -> None:
-    bad = int(jax.device_get(state["nonfinite_step"]))
-    if bad >= 0:
-      mngr.wait_until_finished()
-      raise NonFiniteError(
-          f"non-finite loss, gradients or update at step {bad}: stopping. The last good "
-          f"checkpoint is step {mngr.latest_step()} in {workdir}; lower "
-          "config.optimizer.learning_rate or enable config.optimizer.grad_clip_norm.")
-    checkpoint.save(mngr, step, state, batches.get_state(), config)
-
-  try:
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-      while step < config.total_steps:
-        batch = next(batches)
-        state, metrics = p_train_step(state, {k: batch[k] for k in program.abstract_batch})
-        step += 1
-        window_steps += 1
-        if step % config.log_every_steps == 0 or step == config.total_steps:
-          metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-          elapsed = time.perf_counter() - window_start
-          metrics["examples_per_second"] = window_steps * config.data.batch_size / elapsed
-          metrics["tflops_per_second"] = window_steps * method.train_step_flops / elapsed / 1e12
-          metrics["skipped_records"] = float(batches.num_skipped)
-          writer.scalars(step, metrics)
-          last_metrics = metrics
-          window_start, window_steps = time.perf_counter(), 0
-          if int(jax.device_get(state["nonfinite_step"])) >= 0:
-            save(step, state)  # raises NonFiniteError naming the step
-        if step % config.image_every_steps == 0 or step == config.total_steps:
-          images = jax.device_get(p_reconstruct(state["params"], picture_batch,
-                                                jax.random.key(config.seed)))
-          if jax.process_index() == 0:
-            path = os.path.join(workdir, f"reconstruction_{step:07d}.png")
-            method.plot_reconstructions(images, path, f"step {step}")
-            writer.image(step, "reconstruction", path)
-        if (step % config.checkpoint_every_steps == 0 or step == config.total_steps
-            or preempted or mngr.reached_preemption(step)):
-          save(step, state)
-          if preempted or mngr.reached_preemption(step):
-            print(f"preempted: saved step {step}, exiting", flush=True)
-            break
-  finally:
+  def nonfinite_error(bad: int) -> NonFiniteError:
     mngr.wait_until_finished()
-    mngr.close()
-    writer.close()
-    batches.close()
+    return NonFiniteError(
+        f"non-finite loss, gradients or update at step {bad}: stopping. The last good "
+        f"checkpoint is step {mngr.latest_step()} in {workdir}; lower "
+        "config.optimizer.learning_rate or enable config.optimizer.grad_clip_norm.")
+
+  def save(step: int, state, data: pipeline.Position) -> None:
+    with times.timing("checkpoint"):
+      bad = int(jax.device_get(state["nonfinite_step"]))
+      if bad >= 0:
+        raise nonfinite_error(bad)
+      checkpoint.save(mngr, step, state, batches.get_state(data), config)
+
+  def finish(pending: _Pending) -> None:
+    """Waits for a dispatched step; logs it if it is a logging step."""
+    nonlocal last_metrics
+    with times.timing("device"):
+      metrics = jax.device_get(pending.metrics) if pending.nonfinite_step is not None else (
+          jax.block_until_ready(pending.metrics))
+    if pending.nonfinite_step is None:
+      return
+    bad = int(pending.nonfinite_step)
+    if bad >= 0:
+      raise nonfinite_error(bad)
+    metrics = {k: float(v) for k, v in metrics.items()}
+    metrics.update(times.window(pending.step))
+    metrics["skipped_records"] = float(pending.data.num_skipped)
+    writer.scalars(pending.step, metrics)
+    last_metrics = metrics
+
+  def read_batch() -> dict[str, jax.Array]:
+    with times.timing("data"):
+      batch = next(batches)  # placed on the devices (asynchronously)
+      return {k: batch[k] for k in program.abstract_batch}
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    pending, batch = None, read_batch() if step < config.total_steps else None
+    while step < config.total_steps:
+      profile.before(step + 1)
+      with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):
+        state, metrics = p_train_step(state, batch)
+      step += 1
+      logged = step % config.log_every_steps == 0 or step == config.total_steps
+      current = _Pending(step, metrics,
+                         jnp.copy(state["nonfinite_step"]) if logged else None,
+                         batches.position())
+      batch = read_batch() if step < config.total_steps else None  # one step ahead
+      if pending is not None:
+        finish(pending)
+      pending = current
+      profile.after(step, state)
+      if step % config.image_every_steps == 0 or step == config.total_steps:
+        images = jax.device_get(p_reconstruct(state["params"], picture_batch, picture_key))
+        if jax.process_index() == 0:
+          path = os.path.join(workdir, f"reconstruction_{step:07d}.png")
+          method.plot_reconstructions(images, path, f"step {step}")
+          writer.image(step, "reconstruction", path)
+      preempted = preemption.reached(step)  # the same step on every process
+      if (step % config.checkpoint_every_steps == 0 or step == config.total_steps
+          or preempted):
+        save(step, state, current.data)
+      if preempted:
+        finish(pending)
+        pending = None
+        print(f"preempted: saved step {step}, exiting", flush=True)
+        break
+    if pending is not None:
+      finish(pending)
   return last_metrics
 
 
@@ -345,6 +371,8 @@ def define_flags() -> None:
   config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
   flags.DEFINE_string("workdir", None, "Checkpoints, logs and pictures go here.",
                       required=True)
+  flags.DEFINE_bool("distributed", False, "Join jax.distributed with the cluster detected "
+                    "from the environment (TPU VMs, GKE, SLURM, Open MPI).")
   flags.DEFINE_string("coordinator", None, "host:port of process 0, for multi-process runs.")
   flags.DEFINE_integer("num_processes", 1, "Processes in a multi-process run.")
   flags.DEFINE_integer("process_id", 0, "This process's index.")
@@ -353,8 +381,8 @@ def define_flags() -> None:
 def main(argv: list[str]) -> None:
   del argv
   f = flags.FLAGS
-  if f.num_processes > 1:
-    jax.distributed.initialize(f.coordinator, f.num_processes, f.process_id)
+  distributed.initialize(f.config, auto=f.distributed, coordinator=f.coordinator,
+                         num_processes=f.num_processes, process_id=f.process_id)
   try:
     train(f.config, f.workdir)
   except NonFiniteError as e:

@@ -58,6 +58,12 @@ def _base_config(size: str) -> ml_collections.ConfigDict:
   c.sharding_rules = cav_mae.SHARDING_RULES
   c.init_checkpoint = ""
   c.aot_executable = ""
+  c.keep_period = 0  # the run settings below as configs/cav_mae.py's
+  c.profile_steps = ()
+  c.compilation_cache_dir = ""
+  c.distributed = ml_collections.ConfigDict(dict(
+      initialization_timeout_seconds=300, heartbeat_timeout_seconds=100,
+      shutdown_timeout_seconds=300))
 
   audio_frames, mel_bins, image_size, num_frames, stride = INPUT_SIZES[size]
   c.data = data.get_config("")

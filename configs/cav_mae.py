@@ -129,6 +129,14 @@ def _base_config(size: str) -> ml_collections.ConfigDict:
   c.sharding_rules = SHARDING_RULES
   c.init_checkpoint = ""  # base: optionally start from these parameters (orbax or .npz)
   c.aot_executable = ""  # a train step compiled by `avmae.aot --save` (checked, then run)
+  c.keep_period = 0  # also keep every checkpoint whose step is a multiple of this (0: off)
+  c.profile_steps = ()  # (first, last): a jax.profiler trace of those steps in WORKDIR/profile
+  c.compilation_cache_dir = ""  # XLA's persistent compilation cache ("": off)
+  # The coordination service of multi-process runs (avmae/distributed.py): a process that sends
+  # no heartbeat for heartbeat_timeout_seconds counts as dead and every other process stops.
+  c.distributed = ml_collections.ConfigDict(dict(
+      initialization_timeout_seconds=300, heartbeat_timeout_seconds=100,
+      shutdown_timeout_seconds=300))
 
   audio_frames, mel_bins, image_size = INPUT_SIZES[size]
   c.data = data.get_config("")

@@ -13,7 +13,8 @@ import jax
 import numpy as np
 import pytest
 
-from avmae import checkpoint, masking, optim, sharding, train
+from avmae import checkpoint, flops, masking, optim, sharding, train
+from avmae.data import pipeline
 from avmae.methods import METHODS
 from avmae.models import vit
 from configs import cav_mae
@@ -323,3 +324,97 @@ def test_bfloat16_compute_keeps_float32_params_and_tracks_float32(synthetic_dir,
     assert {np.asarray(x).dtype for x in jax.tree.leaves(_restore_params(workdir, 2))} == {
         np.dtype("float32")}
   np.testing.assert_allclose(losses["bfloat16"], losses["float32"], rtol=3e-2)
+
+
+TIMING_KEYS = ("examples_per_second", "tflops_per_second", "step_seconds",
+               "data_wait_seconds", "device_wait_seconds", "checkpoint_seconds", "mfu")
+
+
+def test_metrics_fetched_a_step_late_are_the_synchronous_loops(synthetic_dir, tmp_path):
+  """The trainer runs a step ahead (metrics of step s are fetched after step s + 1 is
+  dispatched, the next batch read onto the devices before): every logged value is the one a
+  loop that waits for each step gets, and the step times and MFU are logged."""
+  config = tiny(synthetic_dir, total_steps=5, log_every_steps=2)
+  train.train(config, str(tmp_path))
+  logged = _metrics(str(tmp_path))
+  assert [m["step"] for m in logged] == [2, 4, 5]
+  mesh = sharding.make_mesh(config.mesh)
+  program = train.build_program(config, mesh, steps_per_epoch=4)
+  rules = tuple(tuple(r) for r in config.sharding_rules)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    state = jax.jit(lambda: nn.meta.unbox(train.init_state(
+        program.method, program.optimizer, program.method.example_batch(16), config.seed)),
+                    out_shardings=program.state_shardings)()
+    expected = {}
+    with pipeline.Batches(config.data, "train", train=True, seed=config.seed,
+                          global_batch_size=16, mesh=mesh) as batches:
+      for step in range(1, 6):
+        batch = next(batches)
+        state, metrics = program.train_step(state, {k: batch[k] for k in program.abstract_batch})
+        expected[step] = {k: float(v) for k, v in jax.device_get(metrics).items()}
+  for record in logged:
+    values = {k: v for k, v in record.items() if k not in TIMING_KEYS + ("step",)}
+    assert values == {**expected[record["step"]], "skipped_records": 0.0}, record["step"]
+    assert all(record[k] >= 0 for k in TIMING_KEYS), record
+  assert logged[-1]["step_seconds"] >= logged[-1]["device_wait_seconds"]
+
+
+def test_a_killed_run_logs_each_step_once_and_writes_a_trace_and_the_cache(synthetic_dir,
+                                                                           tmp_path):
+  """SIGKILL after steps past the last checkpoint were logged; the next run resumes and
+  rewrites metrics.jsonl to the restored step, so each step is there once. The same run traces
+  config.profile_steps and fills config.compilation_cache_dir."""
+  workdir, cache = tmp_path / "w", tmp_path / "cache"
+  extra = ["--config.profile_steps=(2, 3)", f"--config.compilation_cache_dir={cache}"]
+  p = _run(_args(synthetic_dir, total_steps=100000, checkpoint_every_steps=2) + extra, workdir)
+  logged = 0
+  for line in p.stdout:
+    if line.startswith("step "):
+      logged = int(line.split()[1].rstrip(":"))
+      saved = [int(n) for n in os.listdir(workdir / "checkpoints") if n.isdigit()]
+      if saved and logged > max(saved) and logged > 3:
+        p.kill()
+        break
+  p.wait(timeout=60)
+  assert [m["step"] for m in _metrics(workdir)][-1] >= logged > max(saved)
+  traces = list((workdir / "profile").glob("plugins/profile/*/*.xplane.pb"))
+  assert traces and traces[0].stat().st_size > 0
+  assert any("train_step" in name for name in os.listdir(cache)), os.listdir(cache)
+  p = _run(_args(synthetic_dir, total_steps=logged + 1, checkpoint_every_steps=2), workdir)
+  out = p.communicate(timeout=300)[0]
+  assert p.returncode == 0, out[-3000:]
+  resumed = int(out.split("resumed from step ")[1].split()[0])
+  assert resumed < logged  # steps after the checkpoint ran again
+  assert [m["step"] for m in _metrics(workdir)] == list(range(1, logged + 2))
+
+
+def test_keep_period_and_a_changed_shape_on_resume_fails_naming_the_key(synthetic_dir,
+                                                                       tmp_path):
+  workdir = str(tmp_path)
+  train.train(tiny(synthetic_dir, total_steps=6, checkpoint_every_steps=1, keep_checkpoints=1,
+                   keep_period=3, log_every_steps=3), workdir)
+  mngr = checkpoint.manager(workdir, 1)
+  assert mngr.all_steps() == [3, 6]  # the newest, and every 3rd step for probe curves
+  mngr.close()
+  with pytest.raises(ValueError, match=r"changed: config.model.embed_dim=32 \(the checkpoint "
+                     r"has 64\)"):
+    train.train(tiny(synthetic_dir, total_steps=8, **{"model.embed_dim": 32}), workdir)
+  with pytest.raises(ValueError, match=r"config.model.audio_frames=64 \(the checkpoint has "
+                     r"128\), config.data.audio_frames=64 \(the checkpoint has 128\)"):
+    train.train(tiny(synthetic_dir, total_steps=8, **{"model.audio_frames": 64,
+                                                       "data.audio_frames": 64}), workdir)
+  # What leaves the parameters as they are may change: remat, scan_layers, the mesh, steps.
+  train.train(tiny(synthetic_dir, total_steps=7, **{"model.remat": "full"}), workdir)
+
+
+def test_peak_flops_per_device_kind():
+  assert flops.peak_flops_per_device("TPU v4") == 275e12
+  assert flops.peak_flops_per_device("TPU v5 lite") == 197e12  # v5e
+  assert flops.peak_flops_per_device("TPU v5") == 459e12  # v5p
+  assert flops.peak_flops_per_device("TPU v6 lite") == 918e12  # v6e
+  assert flops.peak_flops_per_device("NVIDIA H100 80GB HBM3") == 989e12
+  assert flops.peak_flops_per_device("NVIDIA H100 PCIe") == 756e12
+  assert flops.peak_flops_per_device("NVIDIA A100-SXM4-80GB") == 312e12
+  assert flops.peak_flops_per_device("NVIDIA T4") is None
+  # CPU: a measured figure for the whole process (its simulated devices share the cores).
+  assert flops.peak_flops(jax.devices()) == flops.CPU_PEAK_FLOPS_PER_PROCESS
