@@ -7,7 +7,9 @@
   `config.distributed.heartbeat_timeout_seconds` the coordination service tells every other
   process, which then terminates with "Terminating process because the JAX distributed service
   detected fatal errors. This most likely indicates that another task died" and the dead
-  task named (a collective waiting on the dead peer would otherwise wait forever).
+  task named. On TPUs a collective would otherwise wait for the dead peer forever; on CPUs
+  gloo may fail it first ("Connection reset by peer"), and the exit's shutdown barrier then
+  ends with the same message.
 - `Preemption`: SIGTERM to any one process makes every process save the same step and stop.
 """
 

@@ -118,6 +118,7 @@ PEAK_FLOPS_PER_DEVICE = {
     "tpu v6e": 918e12,
     "nvidia h100 pcie": 756e12,
     "nvidia h100": 989e12,   # SXM (device_kind "NVIDIA H100 80GB HBM3")
+    "nvidia h200": 989e12,   # H100's compute with more memory
     "nvidia a100": 312e12,
 }
 # CPU: not a vendor figure but measured: float32 2048^3 matmuls in JAX on this project's
