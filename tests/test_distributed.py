@@ -30,6 +30,20 @@ def reference(synthetic_dir, tmp_path_factory):
   return [m["loss"] for m in _metrics(workdir)]
 
 
+_STARTED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_process_left():
+  """A failed test (a hang) leaves no training process behind."""
+  yield
+  while _STARTED:
+    p = _STARTED.pop()
+    if p.poll() is None:
+      p.kill()
+      p.wait()
+
+
 def _port() -> int:
   with socket.socket() as s:
     s.bind(("localhost", 0))
@@ -41,7 +55,9 @@ def _start(args, workdir, log, env_extra):
   cmd = [sys.executable, "-m", "avmae.train", "--config=configs/cav_mae.py:tiny",
          f"--workdir={workdir}", *args]
   with open(log, "w") as out:  # files, not pipes: a full pipe would stall a process
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    _STARTED.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out,
+                                     stderr=subprocess.STDOUT))
+  return _STARTED[-1]
 
 
 def _two(args, workdir, tmp_path, name, slurm=False):
