@@ -11,7 +11,9 @@ import optax
 
 
 def _step_decay(cfg: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
-  """Constant after warmup, times decay_factor at each epoch of decay_epochs (MultiStepLR)."""
+  """Constant after warmup, times decay_factor from the first step of each epoch of
+  decay_epochs (counted from 0; optax's boundary b applies from step b on): torch's MultiStepLR
+  stepped once per epoch, as the official CAV-MAE loop does (tests/test_optim.py)."""
   boundaries = {int(e * steps_per_epoch): cfg.decay_factor for e in cfg.decay_epochs}
   return optax.piecewise_constant_schedule(cfg.learning_rate, boundaries)
 

@@ -1,12 +1,50 @@
 """CAV-MAE pretraining. `--config=configs/cav_mae.py:SIZE` with SIZE tiny, demo, tiny_video,
-small, base, base_video or large.
+small, base, base_video, large, base_official or scale_pp_official.
 
 tiny trains on the synthetic dataset on a CPU (unit tests); demo is the tiny model with the CPU
-recipe that learns in a few minutes (the README demo; docs/learning_signal.md); base is the
-official recipe (AudioSet, `run_cavmae_pretrain_base.sh`): global batch 48, Adam (0.95, 0.999)
-with L2 weight decay 5e-7, lr 5e-5 with a 1000-step warmup, halved at epochs 10, 15 and 20 of
-25, mask 0.75 for both modalities, 1024 x 128 audio, one 224 px frame, noise + time-roll
-augmentation.
+recipe that learns in a few minutes (the README demo; docs/learning_signal.md).
+
+base is the recommended AudioSet recipe: the official model, masks, losses, optimizer (Adam
+(0.95, 0.999), L2 decay 5e-7, lr 5e-5 halved at epochs 10, 15 and 20 of 25), batch 48, 1024 x
+128 audio, one 224 px frame, noise + time-roll augmentation; it differs from the official run
+(base_official, which has it exactly) where the official choice is an accident of its setup:
+- a 1000-step linear warmup (official: none; `--warmup True` is parsed, never used): Adam's
+  first steps from fresh moment estimates are its least reliable; 0.1 % of the run.
+- negatives from the whole global batch (official: each of its 4 GPUs' 12 clips, an artefact of
+  DataParallel), so the recipe means the same on one chip or a pod.
+- the loss averaged, not summed over 4 replicas: with Adam the sum only divides the effective
+  weight decay and eps by 4 (see base_official); the logged loss is the official log's / 4.
+- log-mel normalised with the dataset's own statistics (official: AudioSet's constants -5.081,
+  4.4849), right for any dataset.
+- training starts from random weights unless `init_checkpoint` names parameters to start from.
+  The official run starts from ImageNet MAE weights (IN-initial.pth); to do the same:
+      python -m avmae.import_torch --checkpoint=IN-initial.pth \
+          --config=configs/cav_mae.py:base --workdir=runs/in_initial
+      python -m avmae.train --config=configs/cav_mae.py:base --config.data.dir=DATA \
+          --config.init_checkpoint=runs/in_initial/checkpoints/0 --workdir=runs/cav_mae
+  (the import lists the keys CAVMAE lacks, IN-initial's cls tokens, and ignores them, as the
+  official strict=False load does; facebookresearch/mae ViT checkpoints import too, mapped
+  as the official adapt_vmae_weights.py does).
+
+base_official and scale_pp_official: the official runs, every value the official one
+(egs/audioset/run_cavmae_pretrain_base.sh and run_cavmae_pretrain_scale++.sh, src/
+run_cavmae_pretrain.py, src/traintest_cavmae.py, src/dataloader.py; tests/
+test_cav_mae_official.py cites each): no warmup; lr halved at epochs 10, 15 and 20 (MultiStepLR
+stepped once per epoch); contrastive negatives within groups of the per-GPU batch (batch / 4);
+AudioSet's fixed log-mel constants; noise then time-roll augmentation; mask 0.75.
+- The official loss is summed over its 4 DataParallel replicas (`loss.sum()`), 4x avmae's mean.
+  For Adam with coupled L2 decay a loss k times larger is the same optimizer with weight decay
+  and eps divided by k (Adam's update does not change when the gradient is scaled, apart from
+  eps): these configs take that equivalent scaling, not a summed loss, so logged losses are the
+  official log's / 4 (tests/test_optim.py checks the equivalence against torch.optim.Adam).
+- Start them from IN-initial.pth as above (the official runs do), with `:base_official` or
+  `:scale_pp_official` in both commands.
+- Frames: the official frames are extracted at 224 px by extract_video_frame.py with
+  torchvision's default bilinear resize and centre crop, as data_prep.build's default; the
+  official dataloader's bicubic resize leaves those 224 px frames unchanged. For frames of
+  another size it would resize them bicubic: `python -m data_prep.build --frame_resize=bicubic`.
+- Not reproduced: fp16 autocast with a GradScaler (here bfloat16, which needs no scaler);
+  epochs of ceil(N / batch) steps with the last batch padded (official drops it: one step less).
 """
 
 import ml_collections
@@ -84,6 +122,42 @@ RECIPES["base_video"] = _clips(16)
 # seed 0 (the recipe's) the video probe reached 0.98 at step 1000 of 2000, random init 0.48.
 RECIPES["tiny_video"] = {**RECIPES["demo"], **_clips(8), "total_steps": 1000,
                          "keep_checkpoints": 5}
+
+# The official runs (tests/test_cav_mae_official.py checks each value against the official
+# scripts): 4 GPUs under DataParallel, each taking batch / 4 clips, the 4 losses summed.
+OFFICIAL_REPLICAS = 4
+AUDIOSET_2M_CLIPS = 1_772_023  # the official training set (as2m_pretrain_base.txt: "Dataset has")
+
+
+def _official(batch_size: int, learning_rate: float) -> dict:
+  """The official recipe at `batch_size` and `learning_rate` (the base model's defaults hold
+  the rest: mask 0.75, loss weights, norm_pix, temperature, Adam betas, 1024 x 128 x 224)."""
+  return {
+      "total_steps": 25 * -(-AUDIOSET_2M_CLIPS // batch_size),  # 25 epochs
+      "data.batch_size": batch_size,
+      "data.log_mel_norm": "audioset_cav_mae",
+      "data.augment.noise": 0.1,
+      "data.augment.time_roll": True,
+      "loss.group_size": batch_size // OFFICIAL_REPLICAS,
+      "optimizer.name": "adam",
+      "optimizer.learning_rate": learning_rate,
+      "optimizer.warmup_steps": 0,
+      "optimizer.schedule": "step",
+      "optimizer.decay_epochs": (10, 15, 20),
+      "optimizer.decay_factor": 0.5,
+      # The loss summed over the replicas, as Adam's equivalent: decay and eps / replicas.
+      "optimizer.weight_decay": 5e-7 / OFFICIAL_REPLICAS,
+      "optimizer.eps": 1e-8 / OFFICIAL_REPLICAS,
+      "optimizer.no_decay": (),
+      "optimizer.grad_clip_norm": 0.0,
+  }
+
+
+# (batch, lr): run_cavmae_pretrain_base.sh and run_cavmae_pretrain_scale++.sh.
+OFFICIAL_RUNS = {"base_official": (48, 5e-5), "scale_pp_official": (256, 2e-4)}
+for _name, (_batch, _lr) in OFFICIAL_RUNS.items():
+  MODEL_SIZES[_name], INPUT_SIZES[_name] = MODEL_SIZES["base"], INPUT_SIZES["base"]
+  RECIPES[_name] = _official(_batch, _lr)
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:

@@ -42,6 +42,7 @@ class BuildOptions:
   num_frames: int = 10
   frames_per_second: float = 0.0  # 0: num_frames spread over the clip; else at this rate
   frame_size: int = 224
+  frame_resize: str = "bilinear"  # media.RESIZE_FILTERS; official CAV-MAE's dataloader: bicubic
   jpeg_quality: int = 90
   video_encoding: str = "jpeg"
   mono: str = "mix"  # CAV-MAE/AST: ffmpeg -ac 1 averages the channels
@@ -53,12 +54,13 @@ class BuildOptions:
     return {"sample_rate": self.sample_rate, "mel_bins": self.mel_bins,
             "log_mel": self.log_mel, "frame_length_ms": 25.0, "frame_shift_ms": 10.0,
             "frames_per_clip": self.num_frames, "frames_per_second": self.frames_per_second,
-            "frame_size": [self.frame_size] * 2,
+            "frame_size": [self.frame_size] * 2, "frame_resize": self.frame_resize,
             "video_encoding": self.video_encoding, "mono": self.mono}
 
   def decode_options(self) -> media.DecodeOptions:
     return media.DecodeOptions(sample_rate=self.sample_rate, mono=self.mono,
                                num_frames=self.num_frames, frame_size=self.frame_size,
+                               frame_resize=self.frame_resize,
                                frames_per_second=self.frames_per_second,
                                min_seconds=self.min_seconds,
                                require_video=self.require_video,
@@ -250,6 +252,8 @@ def main(argv: list[str]) -> None:
     raise app.UsageError("give exactly one of --manifest (with --media_root) or --media_dir")
   if f.log_mel not in features.LOG_MEL_FUNCTIONS:
     raise app.UsageError(f"--log_mel={f.log_mel}: one of {sorted(features.LOG_MEL_FUNCTIONS)}")
+  if f.frame_resize not in media.RESIZE_FILTERS:
+    raise app.UsageError(f"--frame_resize={f.frame_resize}: one of {sorted(media.RESIZE_FILTERS)}")
   # Fail now, not on the first clip, when the chosen front end's library is missing.
   features.log_mel(np.zeros(16000, np.float32), 16000, 8, kind=f.log_mel)
   options = BuildOptions(**{fl.name: f[fl.name].value for fl in dataclasses.fields(BuildOptions)})

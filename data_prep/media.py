@@ -36,6 +36,9 @@ REASONS: dict[str, str] = {
 # encoders pad or trim the last frame and muxers round durations.
 TRUNCATION_TOLERANCE_S = 0.25
 _MONO = {"first": lambda planes: planes[0], "mix": lambda planes: planes.mean(axis=0)}
+# Frame resize filters (PIL's, antialiased): bilinear is torchvision's default, which the
+# official CAV-MAE frame extraction uses; bicubic is its dataloader's.
+RESIZE_FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
 
 class MediaError(Exception):
@@ -55,6 +58,7 @@ class DecodeOptions:
   mono: "first" keeps channel 0; "mix" averages the channels, which for stereo equals
     `ffmpeg -ac 1` to a 16-bit wav (the CAV-MAE / AST preprocessing).
   frame_size: frames are resized so the short side is frame_size, then centre-cropped.
+  frame_resize: the resize filter, a key of RESIZE_FILTERS.
   min_seconds: shortest acceptable segment, after clipping its end to the file's end.
   require_audio=False: a file without audio gives a zero waveform of the segment's length.
   require_video=False: a file without video gives frames [0, S, S, 3], timestamps [0].
@@ -65,6 +69,7 @@ class DecodeOptions:
   mono: str = "mix"
   num_frames: int = 10
   frame_size: int = 224
+  frame_resize: str = "bilinear"
   frames_per_second: float = 0.0
   min_seconds: float = 1.0
   require_video: bool = True
@@ -73,6 +78,9 @@ class DecodeOptions:
   def __post_init__(self):
     if self.mono not in _MONO:
       raise ValueError(f"mono must be one of {sorted(_MONO)}, got {self.mono!r}")
+    if self.frame_resize not in RESIZE_FILTERS:
+      raise ValueError(f"frame_resize must be one of {sorted(RESIZE_FILTERS)}, got "
+                       f"{self.frame_resize!r}")
     if min(self.sample_rate, self.num_frames, self.frame_size) <= 0:
       raise ValueError(f"sample_rate, num_frames and frame_size must be positive: {self}")
     if self.frames_per_second < 0:
@@ -124,7 +132,8 @@ def decode_clip(path: str, start: float | None = None, end: float | None = None,
   audio, video = sinks.get("audio"), sinks.get("video")
   return Clip(
       waveform=audio.out if audio else np.zeros(round(duration * options.sample_rate), np.float32),
-      frames=video.images(size) if video else np.zeros((0, size, size, 3), np.uint8),
+      frames=(video.images(size, options.frame_resize) if video
+              else np.zeros((0, size, size, 3), np.uint8)),
       timestamps=(video.targets - video.start if video else np.zeros(0)).astype(np.float32),
       duration=duration)
 
@@ -148,13 +157,14 @@ def probe(path: str) -> dict[str, Any]:
         video_codec=video.codec_context.name if video else None)
 
 
-def resize_and_crop(image: np.ndarray, size: int) -> np.ndarray:
-  """Resizes (bilinear, antialiased) so the short side is `size`, then centre-crops to
-  size x size; in one step, by resizing just the crop's source box."""
+def resize_and_crop(image: np.ndarray, size: int, resize: str = "bilinear") -> np.ndarray:
+  """Resizes (antialiased, with the `resize` filter of RESIZE_FILTERS) so the short side is
+  `size`, then centre-crops to size x size; in one step, by resizing just the crop's source
+  box (the filter still reads the pixels around it, as a resize of the whole frame)."""
   h, w = image.shape[:2]
   side = min(h, w)
   left, top = (w - side) / 2, (h - side) / 2
-  resized = Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR,
+  resized = Image.fromarray(image).resize((size, size), RESIZE_FILTERS[resize],
                                           box=(left, top, left + side, top + side))
   return np.asarray(resized, dtype=np.uint8)
 
@@ -283,11 +293,11 @@ class _VideoSink(_Sink):
   def finish(self) -> None:
     self.chosen += [self.prev] * (len(self.targets) - len(self.chosen))
 
-  def images(self, size: int) -> np.ndarray:
+  def images(self, size: int, resize: str) -> np.ndarray:
     converted = {}  # a frame chosen for several targets is converted once
     for f in self.chosen:
       if id(f) not in converted:
-        converted[id(f)] = resize_and_crop(f.to_ndarray(format="rgb24"), size)
+        converted[id(f)] = resize_and_crop(f.to_ndarray(format="rgb24"), size, resize)
     return np.stack([converted[id(f)] for f in self.chosen])
 
 

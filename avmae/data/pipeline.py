@@ -153,11 +153,11 @@ def _prepare_audio(log_mel: np.ndarray, spec: ExampleSpec, rng: np.random.Genera
     log_mel = augment.roll_gain(log_mel, rng)
   audio = augment.normalize_log_mel(augment.crop_or_pad(log_mel, spec.audio_frames),
                                     spec.log_mel_mean, spec.log_mel_std)
-  if spec.train:
-    if spec.time_roll:
-      audio = augment.time_roll(audio, rng)
+  if spec.train:  # noise, then the roll: the official dataloader's order (and RNG draws)
     if spec.noise > 0:
       audio = augment.add_noise(audio, rng, spec.noise)
+    if spec.time_roll:
+      audio = augment.time_roll(audio, rng)
     audio = augment.spec_augment(audio, rng, spec.freq_mask, spec.time_mask)
   return audio
 
