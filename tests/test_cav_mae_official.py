@@ -2,6 +2,13 @@
 runs value for value, against tables transcribed from the official code (YuanGongND/cav-mae;
 each entry cites file:line), and the preprocessing they name acts as the official one does."""
 
+import os
+import pathlib
+import shlex
+import subprocess
+import sys
+
+import jax
 import numpy as np
 import pytest
 import torch
@@ -10,9 +17,13 @@ from PIL import Image
 
 from avmae import optim, sharding
 from avmae.data import augment, dataset_info, pipeline
+from avmae.export import cav_mae_layout
+from avmae.methods import METHODS
 from avmae.methods import cav_mae as cav_mae_method
 from configs import cav_mae
-from data_prep import build, media
+from data_prep import build, make_synthetic, media, media_factory
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # The run scripts, transcribed (name: value  # file:line).
 SCRIPTS = {
@@ -267,7 +278,6 @@ def test_the_dataloaders_bicubic_resize_leaves_extracted_frames_unchanged():
 
 
 def test_frame_resize_is_a_build_option(tmp_path):
-  from data_prep import media_factory
   options = build.BuildOptions(frame_resize="bicubic", frame_size=16, num_frames=2,
                                require_audio=False)
   assert options.decode_options().frame_resize == "bicubic"
@@ -284,3 +294,45 @@ def test_frame_resize_is_a_build_option(tmp_path):
   assert not np.array_equal(clips["bicubic"].frames, clips["bilinear"].frames)
   with pytest.raises(ValueError, match="frame_resize must be one of"):
     media.DecodeOptions(frame_resize="nearest")
+
+
+# ----------------------------------------------------------------------------- initialisation
+
+def _documented_commands() -> list[str]:
+  """The commands configs/cav_mae.py's docstring gives to start from IN-initial.pth."""
+  lines = cav_mae.__doc__.replace("\\\n", " ").splitlines()
+  return [" ".join(l.split()) for l in lines if l.strip().startswith("python -m avmae.")]
+
+
+def test_the_documented_commands_start_training_from_in_initial(tmp_path):
+  """The docstring's two commands, at the tiny size: the import of an IN-initial-style file
+  (CAVMAE's keys plus the cls tokens), then a run initialised from it."""
+  config = cav_mae.get_config("tiny")
+  method = METHODS["cav_mae"](config)
+  params = sharding.strip_logical_names(method.init(jax.random.key(1),
+                                                    method.example_batch(2))["params"])
+  sd = cav_mae_layout.to_official(jax.tree.map(np.asarray, params), method.model)
+  cls = np.ones((1, 1, config.model.embed_dim), np.float32)
+  torch.save({k: torch.from_numpy(np.array(v)) for k, v in
+               {**sd, "cls_token_a": cls, "cls_token_v": cls, "cls_token_av": cls}.items()},
+             tmp_path / "IN-initial.pth")
+  make_synthetic.make_synthetic(str(tmp_path / "DATA"), num_train=32, num_eval=16,
+                                num_shards=1)
+  commands = _documented_commands()
+  assert [c.split()[2] for c in commands] == ["avmae.import_torch", "avmae.train"]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  outputs = []
+  for command in commands:
+    command = command.replace("cav_mae.py:base", "cav_mae.py:tiny").replace(
+        "=DATA", "=" + str(tmp_path / "DATA"))
+    args = [a.replace("=IN-initial.pth", f"={tmp_path / 'IN-initial.pth'}").replace(
+        "=runs/", f"={tmp_path}/runs/") for a in shlex.split(command)]
+    if args[2] == "avmae.train":  # one step, quickly
+      args += ["--config.total_steps=1", "--config.data.batch_size=16",
+               "--config.image_every_steps=1000", "--config.checkpoint_every_steps=1"]
+    run = subprocess.run([sys.executable, *args[1:]], cwd=str(REPO), env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    outputs.append(run.stdout)
+  assert "['cls_token_a', 'cls_token_v', 'cls_token_av']" in outputs[0]
+  assert f"initialised parameters from {tmp_path}/runs/in_initial/checkpoints/0" in outputs[1]
