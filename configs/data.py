@@ -21,6 +21,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.num_workers = 0  # grain worker processes; 0 reads in the main process
   c.read_threads = 2  # reader threads when num_workers is 0 (each worker uses one)
   c.prefetch_batches = 4  # batches prepared ahead, per process (or per worker)
+  # True: the log-mel travels as stored (float16) and becomes float32, normalised and rolled
+  # on the devices (avmae/data/finish.py); False: all on the host (noise, roll + gain and
+  # SpecAugment always are).
+  c.audio_on_device = True
   c.skip_corrupt = False  # True: skip records that fail their CRC or do not parse, and count
   c.batch_axes = ("data", "fsdp")  # mesh axes the batch dimension is split over
   # How the log-mel is normalised, (x - mean) / std (avmae/data/dataset_info.py

@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The quick flags of each benchmark, and a piece of the table its output must contain.
 QUICK = {
-    "input_pipeline": (["--quick", "--work_dir={tmp}"], "examples/s"),
+    "input_pipeline": (["--quick", "--work_dir={tmp}"], "examples/s per host core"),
     "data_prep_speed": (["--quick", "--work_dir={tmp}"], "clips/s/core"),
     "probe": (["--examples=256", "--grid=2", "--steps=20", "--batches=1"], "vmapped sweep"),
     # A size of another method's config module too (MODULE:NAME).

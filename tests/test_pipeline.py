@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from avmae import sharding
-from avmae.data import augment, dataset_info, errors, pipeline, tfrecord
+from avmae.data import augment, dataset_info, errors, pipeline, schema, tfrecord
 from configs import data
 from conftest import make_clip
 
@@ -346,3 +346,61 @@ def test_in_place_log_mel_ops_give_the_numbers_of_the_plain_expressions():
   noisy = augment.add_noise(got, rng, 0.1)
   assert noisy.dtype == np.float32 and np.array_equal(noisy, expected)
   assert np.array_equal(got, augment.normalize_log_mel(mel, -4.27, 4.57))  # input untouched
+
+
+def _reference_audio(raw, position: int, seed: int, cfg, info, train: bool):
+  """The per-record audio transform before data.audio_on_device (kept here as the reference):
+  float32, crop or pad, (x - mean) / std, then in training np.roll by the record RNG's draw
+  after the frame's (one frame of 3: integers(3), then integers(-T, T))."""
+  mean, std = info["log_mel_stats"]["mean"], info["log_mel_stats"]["std"]
+  mel = schema.decode_example(raw.data, raw.where)["log_mel"].astype(np.float32)
+  t = cfg.audio_frames
+  mel = np.pad(mel, ((0, max(t - len(mel), 0)), (0, 0)))[:t]
+  audio = ((mel - np.float32(mean)) / np.float32(std)).astype(np.float32)
+  if not train:
+    return audio
+  rng = np.random.default_rng([seed, position])
+  rng.integers(3)  # the frame
+  return np.roll(audio, int(rng.integers(-t, t)), axis=0)
+
+
+@pytest.mark.parametrize("audio_frames", [16, 32])  # crop, pad
+def test_audio_finished_on_the_device_is_the_reference_transform(dataset_dir, audio_frames):
+  """data.audio_on_device (float16 shipped, finished in one jitted call on the sharded batch)
+  gives the batches of the host path and of the reference transform, bit for bit on CPU:
+  training (time roll over an epoch boundary), evaluation (padding rows stay zeros)."""
+  info = dataset_info.load(dataset_dir)
+  mesh = sharding.make_mesh({"data": 4, "fsdp": 2, "tensor": 1})
+  for split, train, n in (("train", True, 6), ("eval", False, 2)):
+    kwargs = dict(train=train, seed=7, global_batch_size=8)
+    got = {}
+    for name, on_device, m in (("host", False, None), ("device", True, mesh),
+                               ("numpy", True, None)):
+      cfg = _cfg(dataset_dir, audio_frames=audio_frames, audio_on_device=on_device)
+      with pipeline.Batches(cfg, split, mesh=m, **kwargs) as b:
+        got[name] = _take(b, n)
+        # What travels through grain: float16 as stored, with a mesh and audio_on_device.
+        assert b.source[0]["audio"].dtype == (np.float16 if name == "device" else np.float32)
+    _assert_batches_equal(got["device"], got["host"])
+    _assert_batches_equal(got["numpy"], got["host"])
+    records, _ = pipeline.open_split(cfg, split, train)
+    for j, batch in enumerate(got["device"]):
+      assert batch["audio"].dtype == np.float32
+      for row, record in enumerate(batch["record_index"]):
+        expected = (_reference_audio(records[record], j * 8 + row, 7, cfg, info, train)
+                    if batch["valid"][row] else np.zeros_like(batch["audio"][row]))
+        np.testing.assert_array_equal(batch["audio"][row], expected, err_msg=f"{j} {row}")
+
+
+def test_the_host_keeps_the_audio_augmentations_drawing_per_element(dataset_dir):
+  """Noise, roll + gain and SpecAugment stay on the host (their numbers come from the record's
+  RNG): the batches are those of audio_on_device=False."""
+  for augment in ({"noise": 0.1}, {"roll_gain": True}, {"freq_mask": 4, "time_mask": 4}):
+    batches = []
+    for on_device in (False, True):
+      cfg = _cfg(dataset_dir, audio_on_device=on_device)
+      cfg.augment.update(augment)
+      with pipeline.Batches(cfg, "train", train=True, seed=2, global_batch_size=8,
+                            mesh=sharding.make_mesh({"data": -1, "fsdp": 1})) as b:
+        batches.append(_take(b, 2))
+    _assert_batches_equal(*batches)

@@ -14,7 +14,9 @@ walk through one permutation of the records per epoch, so an epoch covers every 
 exactly once. No TensorFlow or torch here.
 
 Batches are dicts:
-  audio          float32 [B, audio_frames, mel_bins]   normalised log-mel
+  audio          float32 [B, audio_frames, mel_bins]   normalised log-mel (with a mesh and
+                 data.audio_on_device, BatchSource's batches hold it float16 as stored,
+                 cropped or padded, with "audio_roll" [B]: finished on the devices, finish.py)
   frames         uint8   [B, H, W, 3] (or a clip [B, T, H, W, 3] with num_frames T > 1, or
                  [B, N, H, W, 3] with all_frames) RGB; normalised
                  on the device (augment.normalize_image), a quarter of float32's bytes.
@@ -27,6 +29,7 @@ Batches are dicts:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -41,7 +44,7 @@ import ml_collections
 import numpy as np
 
 from avmae import sharding
-from avmae.data import augment, dataset_info, errors, schema
+from avmae.data import augment, dataset_info, errors, finish, schema
 from avmae.data.source import RawRecord, TFRecordSource
 
 
@@ -69,11 +72,23 @@ class ExampleSpec:
   crop_scale: tuple[float, float]
   flip: bool
   skip_corrupt: bool
+  audio_on_device: bool
 
   @property
   def reads_frames(self) -> bool:
     """False for audio-only examples (data.num_frames=0): they have no "frames"."""
     return self.all_frames or self.num_frames > 0
+
+  @property
+  def audio_on_host(self) -> bool:
+    """True: examples carry finished float32 audio. Noise (per-element numbers from the
+    record's RNG), roll + gain (before the crop) and SpecAugment keep the host path."""
+    return not self.audio_on_device or self.train and (
+        self.roll_gain or self.noise > 0 or self.freq_mask > 0 or self.time_mask > 0)
+
+  @property
+  def rolls(self) -> bool:
+    return self.train and self.time_roll
 
 
 AUDIO_ONLY_HINT = "data.num_frames=0 (with data.all_frames=False) reads audio only"
@@ -125,7 +140,8 @@ def _prepare_frame(frame: np.ndarray, spec: ExampleSpec, rng: np.random.Generato
 def empty_example(spec: ExampleSpec, record_index: int, num_skipped: int) -> dict[str, Any]:
   """An all-zero, invalid example: a skipped record or padding of the last batch."""
   example = {
-      "audio": np.zeros((spec.audio_frames, spec.mel_bins), np.float32),
+      "audio": np.zeros((spec.audio_frames, spec.mel_bins),
+                        np.float32 if spec.audio_on_host else np.float16),
       "labels": np.zeros((spec.num_classes,), np.float32),
       "record_index": np.int32(record_index),
       "valid": np.bool_(False),
@@ -135,6 +151,8 @@ def empty_example(spec: ExampleSpec, record_index: int, num_skipped: int) -> dic
     clip = ((spec.frames_per_clip,) if spec.all_frames else
             (spec.num_frames,) if spec.num_frames > 1 else ())
     example["frames"] = np.zeros(clip + spec.image_size + (3,), np.uint8)
+  if not spec.audio_on_host:
+    example[finish.ROLL] = np.int32(0)
   return example
 
 
@@ -162,14 +180,24 @@ def _prepare_audio(log_mel: np.ndarray, spec: ExampleSpec, rng: np.random.Genera
   return audio
 
 
+def example_audio(log_mel: np.ndarray, spec: ExampleSpec, rng: np.random.Generator
+                  ) -> dict[str, np.ndarray]:
+  """The example's audio: finished on the host, or as stored (cropped or padded) with its
+  roll's shift, finished where the batch lands (avmae/data/finish.py)."""
+  if spec.audio_on_host:
+    return {"audio": _prepare_audio(log_mel, spec, rng)}
+  shift = augment.roll_shift(spec.audio_frames, rng) if spec.rolls else 0
+  return {"audio": augment.crop_or_pad(log_mel, spec.audio_frames), finish.ROLL: np.int32(shift)}
+
+
 def _prepare_frames(decoded: np.ndarray, spec: ExampleSpec, rng: np.random.Generator
                     ) -> np.ndarray:
   if spec.train and len(decoded) > 1:  # one crop and flip for the whole clip
     seed = rng.integers(2**63)
-    frames = np.stack([_prepare_frame(f, spec, np.random.default_rng(seed)) for f in decoded])
+    frames = [_prepare_frame(f, spec, np.random.default_rng(seed)) for f in decoded]
   else:
-    frames = np.stack([_prepare_frame(f, spec, rng) for f in decoded])
-  return frames if spec.all_frames or spec.num_frames > 1 else frames[0]
+    frames = [_prepare_frame(f, spec, rng) for f in decoded]
+  return np.stack(frames) if spec.all_frames or spec.num_frames > 1 else frames[0]
 
 
 def _multi_hot(labels: np.ndarray, spec: ExampleSpec, where: str) -> np.ndarray:
@@ -197,7 +225,7 @@ def prepare_example(record: RawRecord, rng: np.random.Generator, spec: ExampleSp
   _check_shapes(ex, spec, where)
   # The RNG is drawn in this order (frames chosen, audio, frame crops) so that batches of
   # a seed stay the same.
-  example = {"audio": _prepare_audio(ex["log_mel"], spec, rng)}
+  example = example_audio(ex["log_mel"], spec, rng)
   if spec.reads_frames:
     example["frames"] = _prepare_frames(ex["frames"], spec, rng)
   return {
@@ -228,7 +256,8 @@ def example_spec(cfg: ml_collections.ConfigDict, info: dict[str, Any], train: bo
       num_frames=cfg.num_frames, frame_stride=cfg.frame_stride,
       time_roll=aug.time_roll, roll_gain=aug.roll_gain, noise=aug.noise, freq_mask=aug.freq_mask,
       time_mask=aug.time_mask, random_resized_crop=aug.random_resized_crop,
-      crop_scale=tuple(aug.crop_scale), flip=aug.flip, skip_corrupt=cfg.skip_corrupt)
+      crop_scale=tuple(aug.crop_scale), flip=aug.flip, skip_corrupt=cfg.skip_corrupt,
+      audio_on_device=cfg.audio_on_device)
 
 
 def check_video(spec: ExampleSpec, info: dict[str, Any], split: str, data_dir: str) -> None:
@@ -316,7 +345,7 @@ def first_examples(cfg: ml_collections.ConfigDict, split: str, count: int
   """The first `count` examples of `split` as evaluation prepares them, the same on every
   process (e.g. a fixed batch to draw reconstructions of)."""
   records, spec = open_split(cfg, split, train=False)
-  batch = BatchSource(records, spec, 0, count, 0, 1)[0]
+  batch = BatchSource(records, dataclasses.replace(spec, audio_on_device=False), 0, count)[0]
   del batch["num_skipped"]
   return batch
 
@@ -358,10 +387,16 @@ class Batches:
       raise ValueError(f"batch size {global_batch_size} is not divisible by the "
                        f"{process_count} processes")
     records, spec = open_split(cfg, split, train)
+    if mesh is None:  # numpy batches: finished on the host
+      spec = dataclasses.replace(spec, audio_on_device=False)
     self.num_records = len(records)
     self.global_batch_size = global_batch_size
     self.source = BatchSource(records, spec, seed, global_batch_size, jax.process_index(),
                               process_count, rows=rows)
+    if mesh is not None:  # one call on the sharded batch: the audio finished on its devices
+      self._finish = jax.jit(functools.partial(
+          finish.finish_audio, mean=spec.log_mel_mean, std=spec.log_mel_std, roll=spec.rolls),
+          out_shardings=self._sharding)
     self._num_workers = cfg.num_workers
     # In worker processes the workers are the parallelism; one reader thread each.
     self._read_threads = 1 if cfg.num_workers > 0 else cfg.read_threads
@@ -408,7 +443,10 @@ class Batches:
                                                    lambda _, n=self._skipped: np.int32(n))
     # Summed on the devices: every process learns the global count without waiting here.
     self._skipped = self._count(self._skipped, self._global(skipped))
-    return {k: self._global(v) for k, v in batch.items()}
+    batch = {k: self._global(v) for k, v in batch.items()}
+    if finish.ROLL in batch:
+      batch["audio"] = self._finish(batch["audio"], batch.pop(finish.ROLL), batch["valid"])
+    return batch
 
   @property
   def num_skipped(self) -> int:

@@ -150,8 +150,9 @@ def decode_example(data: bytes, where: str,
   (encoding,) = _get(feat, "video/encoding", "bytes_list", where)
   indices = np.arange(len(images)) if choose_frames is None else choose_frames(len(images))
   frames = [_decode_frame(images[i], encoding, video_shape[1:], where) for i in indices]
-  # No frames (an audio-only clip, or none chosen) still gives [0, H, W, 3].
-  frames = np.stack(frames) if frames else np.zeros((0, *video_shape[1:]), np.uint8)
+  # No frames (an audio-only clip, or none chosen) still gives [0, H, W, 3]; one, a view.
+  frames = (frames[0][None] if len(frames) == 1 else np.stack(frames) if frames else
+            np.zeros((0, *video_shape[1:]), np.uint8))
   return {
       "clip_id": _get(feat, "clip_id", "bytes_list", where)[0].decode(),
       "source": _get(feat, "source", "bytes_list", where)[0].decode(),

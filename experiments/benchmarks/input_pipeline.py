@@ -10,6 +10,7 @@ analytic consumption of a ViT-B CAV-MAE training step. Shards are read from the 
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import pickle
@@ -25,7 +26,7 @@ import simplejpeg
 from absl import app, flags
 
 from avmae import sharding
-from avmae.data import dataset_info, pipeline, schema, tfrecord
+from avmae.data import dataset_info, finish, pipeline, schema, tfrecord
 from avmae.data.source import TFRecordSource
 from configs import data as data_config
 from data_prep.make_synthetic import make_synthetic
@@ -41,7 +42,7 @@ SIZES: dict[str, dict[str, Any]] = {
     "tiny": dict(synth={}, audio_frames=128, image_size=32, batch=32, clips=(512, 128),
                  batches=((320, 160), (64, 32))),
     "base": dict(synth=dict(clip_seconds=10.0, mel_bins=128, frame_size=224, frames_per_clip=10),
-                 audio_frames=1024, image_size=224, batch=48, clips=(96, 24),
+                 audio_frames=1024, image_size=224, batch=48, clips=(96, 12),
                  batches=((64, 16), (16, 8))),
 }
 ACCELERATORS = {"H100 (dense bf16)": 989e12, "TPU v5e": 197e12, "TPU v4": 275e12}
@@ -98,10 +99,11 @@ def usage() -> tuple[float, float, float]:
     return (float("nan"),) * 3
 
 
-def config(data_dir: str, size: str, num_workers: int = 0, **augment: Any):
+def config(data_dir: str, size: str, num_workers: int = 0, audio_on_device: bool = True,
+           **augment: Any):
   cfg = data_config.get_config(data_dir)
   cfg.audio_frames, cfg.image_size = SIZES[size]["audio_frames"], SIZES[size]["image_size"]
-  cfg.num_workers = num_workers
+  cfg.num_workers, cfg.audio_on_device = num_workers, audio_on_device
   cfg.augment.update(augment)
   return cfg
 
@@ -134,7 +136,9 @@ def generate(root: str) -> dict[str, str]:
 
 
 def per_record(dirs: dict[str, str]) -> float:
-  """Median us per record of each step in one process; returns base read + prepare + stack."""
+  """Median us per record of each stage in one process, the audio finished on the host
+  (data.audio_on_device=False, the path before) and on the device (the default); returns
+  base's host total (read + prepare + stack) with the audio on the device."""
   ops: dict[str, dict[str, float]] = {}
   for size, data_dir in dirs.items():
     source = TFRecordSource(train_shards(data_dir))
@@ -143,39 +147,71 @@ def per_record(dirs: dict[str, str]) -> float:
     feature = lambda r, key: schema.Example.FromString(r.data).features.feature[key]
     jpegs = [feature(r, "video/frames").bytes_list.value[0] for r in records]
     info, rng = dataset_info.load(data_dir), np.random.default_rng(0)
-    spec = pipeline.example_spec(config(data_dir, size), info, train=True)
-    # SpecAugment widths of the official fine-tuning (48 of 128 bins, 192 of 1024 frames),
-    # scaled to the shapes: augment.spec_augment fails when a width exceeds its axis.
-    heavy = pipeline.example_spec(config(
-        data_dir, size, random_resized_crop=True, flip=True, noise=0.1,
-        freq_mask=spec.mel_bins * 48 // 128, time_mask=spec.audio_frames * 192 // 1024),
-        info, train=True)
-    examples = [pipeline.prepare_example(r, rng, spec) for r in records[:SIZES[size]["batch"]]]
-    stack = lambda b: {k: np.stack([e[k] for e in b]) for k in b[0]}
-    batch, share = stack(examples), 1 / len(examples)
-    col = {
-        "read + CRC check (source[i])": median_us(source.__getitem__, indices),
-        "protobuf parse only": median_us(schema.Example.FromString, [r.data for r in records]),
-        "JPEG decode, one frame": median_us(
-            lambda j: simplejpeg.decode_jpeg(j, colorspace="RGB"), jpegs),
-        "prepare_example, default train aug": median_us(
-            lambda r: pipeline.prepare_example(r, rng, spec), records),
-        "  ... + rrc, flip, noise, SpecAugment": median_us(
-            lambda r: pipeline.prepare_example(r, rng, heavy), records),
-        "batch stack, share per example": share * median_us(stack, [examples] * 5),
-        "pickle round trip (worker -> main)": share * median_us(
-            lambda b: pickle.loads(pickle.dumps(b, pickle.HIGHEST_PROTOCOL)), [batch] * 5),
-    }
-    col["serial total: read + prepare + stack"] = sum(col[k] for k in (
-        "read + CRC check (source[i])", "prepare_example, default train aug",
-        "batch stack, share per example"))
-    nbytes = sum(b.nbytes for b in batch.values())
-    col["batch bytes per example (kB, not us)"] = share * nbytes / 1e3
-    for name, value in col.items():
-      ops.setdefault(name, {})[size] = value
-  table("3. Per-record cost in one process, median us (tiny: 128 x 64 mel, 32 px; base: "
-        "1024 x 128 mel, 224 px)", ["step", *dirs], [[k, *v.values()] for k, v in ops.items()])
-  return ops["serial total: read + prepare + stack"]["base"]
+    batch_size = SIZES[size]["batch"]
+    for where, on_device in (("host", False), ("device", True)):
+      spec = pipeline.example_spec(config(data_dir, size, audio_on_device=on_device), info,
+                                   train=True)
+      parsed = [schema.decode_example(r.data, r.where,
+                                      lambda n: pipeline.clip_frames(n, spec, rng, r.where))
+                for r in records]
+      # SpecAugment widths of the official fine-tuning (48 of 128 bins, 192 of 1024 frames),
+      # scaled to the shapes: augment.spec_augment fails when a width exceeds its axis.
+      heavy = pipeline.example_spec(config(
+          data_dir, size, audio_on_device=on_device, random_resized_crop=True, flip=True,
+          noise=0.1, freq_mask=spec.mel_bins * 48 // 128,
+          time_mask=spec.audio_frames * 192 // 1024), info, train=True)
+      examples = [pipeline.prepare_example(r, rng, spec) for r in records[:batch_size]]
+      stack = lambda b: {k: np.stack([e[k] for e in b]) for k in b[0]}
+      batch, share = stack(examples), 1 / len(examples)
+      col = {
+          "read + CRC check (source[i])": median_us(source.__getitem__, indices),
+          "  protobuf parse only": median_us(schema.Example.FromString,
+                                             [r.data for r in records]),
+          "  JPEG decode, one frame": median_us(
+              lambda j: simplejpeg.decode_jpeg(j, colorspace="RGB"), jpegs),
+          "decode_example (parse, chosen frames)": median_us(
+              lambda r: schema.decode_example(
+                  r.data, r.where, lambda n: pipeline.clip_frames(n, spec, rng, r.where)),
+              records),
+          "audio: example_audio": median_us(
+              lambda e: pipeline.example_audio(e["log_mel"], spec, rng), parsed),
+          "prepare_example, default train aug": median_us(
+              lambda r: pipeline.prepare_example(r, rng, spec), records),
+          "  ... + rrc, flip, noise, SpecAugment (host)": median_us(
+              lambda r: pipeline.prepare_example(r, rng, heavy), records),
+          "batch stack, share per example": share * median_us(stack, [examples] * 5),
+          "pickle round trip (worker -> main)": share * median_us(
+              lambda b: pickle.loads(pickle.dumps(b, pickle.HIGHEST_PROTOCOL)), [batch] * 5),
+          "device: finish the audio, share": share * device_finish_us(batch, spec),
+      }
+      col["host total: read + prepare + stack"] = sum(col[k] for k in (
+          "read + CRC check (source[i])", "prepare_example, default train aug",
+          "batch stack, share per example"))
+      col["  examples/s per host core"] = 1e6 / col["host total: read + prepare + stack"]
+      col["  ... with the device finish on this CPU"] = 1e6 / (
+          col["host total: read + prepare + stack"] + col["device: finish the audio, share"])
+      col["batch kB per example (not us)"] = share * sum(b.nbytes for b in batch.values()) / 1e3
+      for name, value in col.items():
+        ops.setdefault(name, {})[f"{size} {where}"] = value
+  columns = [f"{size} {where}" for size in dirs for where in ("host", "device")]
+  table("3. Per-record cost in one process, median us (tiny: 128 x 64 mel, 32 px; base: 1024 x "
+        "128 mel, 224 px),\n   the audio finished on the host (data.audio_on_device=False, the "
+        "path before) or on the device (float16 and\n   a roll shift shipped; finished in one "
+        f"jitted call per batch on {jax.devices()[0].platform}, here sharing this machine's CPU)",
+        ["stage", *columns], [[k, *(v[c] for c in columns)] for k, v in ops.items()])
+  return ops["host total: read + prepare + stack"]["base device"]
+
+
+def device_finish_us(batch: dict[str, np.ndarray], spec: pipeline.ExampleSpec) -> float:
+  """Median us of the jitted audio finish on a batch already on the default device (0 when
+  the host finished it)."""
+  if finish.ROLL not in batch:
+    return 0.0
+  fn = jax.jit(functools.partial(finish.finish_audio, mean=spec.log_mel_mean,
+                                 std=spec.log_mel_std, roll=spec.rolls))
+  args = jax.device_put((batch["audio"], batch[finish.ROLL], batch["valid"]))
+  jax.block_until_ready(fn(*args))  # compiled
+  return median_us(lambda a: jax.block_until_ready(fn(*a)), [args] * 7)
 
 
 def pipeline_throughput(dirs: dict[str, str]) -> tuple[float, float]:
@@ -183,48 +219,54 @@ def pipeline_throughput(dirs: dict[str, str]) -> tuple[float, float]:
   cores = os.cpu_count() or 1
   mesh = sharding.make_mesh({"data": -1, "fsdp": 1})
   rows, best = [], (0.0, 0.0)
-  for size, data_dir in dirs.items():
-    batch_size = SIZES[size]["batch"]
-    for workers, m in [(None, None), (0, None), (1, None), (2, None), (0, mesh)]:
-      if FLAGS.quick and workers == 1:
-        continue
-      batches = pipeline.Batches(config(data_dir, size, workers or 0), "train", train=True,
-                                 seed=0, global_batch_size=batch_size, mesh=m)
-      count = FLAGS.batches or SIZES[size]["batches"][FLAGS.quick][bool(workers)]
-      if workers is None:  # reference: BatchSource[j] in this thread, no grain
-        positions = itertools.count()
-        step = lambda: batches.source[next(positions)]
-        startup, count = timed(step), min(count, 16)
-        direct = timed(lambda: [step() for _ in range(2)]) / 2
-      else:
-        step = lambda: jax.block_until_ready(next(batches))  # with a mesh: the H2D copy too
-        startup = timed(step)
-        # grain's reader threads start together, so the first batches come in a burst; past
-        # it, take what was prepared ahead until a batch must be waited for, so that the
-        # timing is of the steady production rate.
-        for _ in range(2 * THREADS - 1 if workers == 0 else 2 * workers):
-          step()
-        for _ in range(10_000):
-          if timed(step) > direct / 4:
-            break
-      before = usage()
-      seconds = timed(lambda: [step() for _ in range(count)])
-      after = usage()
-      ours, machine = [(b - a) / seconds for a, b in zip(before[:2], after[:2])]
-      batches.close()
-      rate = count * batch_size / seconds
-      if size == "base" and workers is not None and rate > best[0]:
-        best = (rate, rate / ours)
-      where = "numpy" if m is None else f"mesh {mesh.devices.size}x{jax.devices()[0].platform}"
-      rows.append([size, "direct" if workers is None else workers, where, count, startup,
-                   1e3 * seconds / count, rate, rate / cores, ours, machine - ours, after[2]])
+  # Without a mesh the audio is finished on the host either way: one numpy row. --quick:
+  # grain workers (seconds to start) only with the audio on the device, and 2 of them.
+  runs = [(size, audio, workers, m) for size in dirs for audio in ("host", "device")
+          for workers, m in [(None, mesh), (0, None), (0, mesh), (1, mesh), (2, mesh)]
+          if not (audio == "device" and m is None or FLAGS.quick and (
+              workers == 1 or workers and audio == "host"))]
+  for size, audio, workers, m in runs:
+    data_dir, batch_size = dirs[size], SIZES[size]["batch"]
+    cfg = config(data_dir, size, workers or 0, audio_on_device=audio == "device")
+    batches = pipeline.Batches(cfg, "train", train=True, seed=0, global_batch_size=batch_size,
+                               mesh=m)
+    count = FLAGS.batches or SIZES[size]["batches"][FLAGS.quick][bool(workers)]
+    if workers is None:  # reference: BatchSource[j] in this thread, no grain
+      positions = itertools.count()
+      step = lambda: batches.source[next(positions)]
+      startup, count = timed(step), min(count, 16)
+      direct = timed(lambda: [step() for _ in range(2)]) / 2
+    else:
+      step = lambda: jax.block_until_ready(next(batches))  # with a mesh: the H2D copy too
+      startup = timed(step)
+      # grain's reader threads start together, so the first batches come in a burst; past
+      # it, take what was prepared ahead until a batch must be waited for, so that the
+      # timing is of the steady production rate.
+      for _ in range(2 * THREADS - 1 if workers == 0 else 2 * workers):
+        step()
+      for _ in range(10_000):
+        if timed(step) > direct / 4:
+          break
+    before = usage()
+    seconds = timed(lambda: [step() for _ in range(count)])
+    after = usage()
+    ours, machine = [(b - a) / seconds for a, b in zip(before[:2], after[:2])]
+    batches.close()
+    rate = count * batch_size / seconds
+    if size == "base" and audio == "device" and workers is not None and rate > best[0]:
+      best = (rate, rate / ours)
+    where = ("host batch" if workers is None else "numpy" if m is None else
+             f"mesh {mesh.devices.size}x{jax.devices()[0].platform}")
+    rows.append([size, audio, "direct" if workers is None else workers, where, count, startup,
+                 1e3 * seconds / count, rate, rate / cores, ours, machine - ours, after[2]])
   table(f"4. End-to-end pipeline.Batches(train=True); batch {SIZES['tiny']['batch']} tiny, "
         f"{SIZES['base']['batch']} base; {cores} CPU cores\n   start-up: first batch (spawns "
-        "grain workers); direct: BatchSource[j] in the main thread, no grain; busy: CPU s / "
-        "wall s of\n   this process tree (ours) and of everything else on the machine (other); "
-        "RSS: this process tree after the timed batches\n   The main process reads with "
+        "grain workers); direct: BatchSource[j] in the main thread, no grain, no\n   device; "
+        "busy: CPU s / wall s of this process tree (ours) and of everything else on the\n"
+        "   machine (other); RSS: this process tree after the timed batches. The main process "
+        "reads with "
         f"{THREADS} threads, each worker with one; {IN_FLIGHT} batches ahead per process",
-        ["dataset", "workers", "output", "timed", "start-up s", "ms/batch", "examples/s",
+        ["dataset", "audio", "workers", "output", "timed", "start-up s", "ms/batch", "examples/s",
          f"ex/s/core (/{cores})", "busy ours", "busy other", "RSS GB"], rows)
   return best
 
@@ -269,7 +311,8 @@ def consumption(serial_us: float, e2e_rate: float, e2e_per_cpu_s: float) -> None
         f"   e2e /cores: {per_core['e2e /cores']:.0f} (best base Batches row above, / {cores} "
         f"cores)\n   e2e /CPU s: {per_core['e2e /CPU s']:.0f} (that row, per CPU second our "
         f"processes used)\n   serial: {per_core['serial']:.0f} (1e6 / {serial_us:.0f} us of read"
-        " + prepare_example + stack; no grain, no IPC)\n   Assumed: one 224 px frame and the "
+        " + prepare_example + stack, the audio on the device; no grain, no IPC)\n   Assumed: "
+        "one 224 px frame and the "
         "default train augmentation (time roll) per example, records\n   in the page cache, and "
         "host cores as fast as this machine's.")
 
