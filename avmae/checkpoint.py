@@ -10,7 +10,6 @@ item records) loads into either: it is restored as saved and converted (`convert
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Callable, Mapping
 
 import jax
@@ -20,6 +19,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec
 
+from avmae import storage
+
 
 def manager(workdir: str, keep: int, async_save: bool = True, keep_period: int = 0
             ) -> ocp.CheckpointManager:
@@ -28,7 +29,7 @@ def manager(workdir: str, keep: int, async_save: bool = True, keep_period: int =
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                          enable_async_checkpointing=async_save,
                                          keep_period=keep_period or None)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+  return ocp.CheckpointManager(storage.path(workdir) / "checkpoints",
                                options=options, item_names=("state", "data", "config"))
 
 
@@ -107,7 +108,8 @@ def is_scanned(params: Mapping[str, Any], stacks: Mapping[str, int]) -> bool:
 
 def saved_config(step_dir: str) -> dict[str, Any]:
   """The config (as JSON) that the checkpoint in `step_dir` was saved with."""
-  return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(os.path.join(step_dir, "config"))
+  return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(
+      storage.path(step_dir) / "config")
 
 
 def saved_scan_layers(step_dir: str) -> bool:
@@ -166,7 +168,7 @@ def restore(mngr: ocp.CheckpointManager, step: int, target: Any, stacks: Mapping
             ) -> tuple[Any, bytes]:
   """(state placed as `target`'s shardings and layer layout, data-iterator state) of
   checkpoint `step`, restored in the layout its config records and converted."""
-  step_dir = os.path.join(str(mngr.directory), str(step))
+  step_dir = str(mngr.directory / str(step))
   load = lambda t: mngr.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(t)))["state"]
   state = _load_converted(step_dir, load, target, stacks, saved_scan_layers(step_dir),
@@ -180,12 +182,13 @@ def load_params(path: str, target: Any, stacks: Mapping[str, int]) -> Any:
   of "a/b/c"-keyed arrays. Placed with `target`'s shardings; every key must match. Either
   layer layout loads (a step dir's config says which it holds, an .npz's keys)."""
   if path.endswith(".npz"):
-    flat = dict(np.load(path))
+    with storage.path(path).open("rb") as f:
+      flat = dict(np.load(f))
     saved = any(k.split("/")[0] in stacks for k in flat)
     load = lambda t: _npz_params(path, flat, t)
   else:
-    state_dir = os.path.join(os.path.abspath(path), "state")
-    if not os.path.isdir(state_dir):
+    state_dir = storage.path(path) / "state"
+    if not state_dir.is_dir():
       raise ValueError(f"init_checkpoint {path}: neither an .npz nor a checkpoint step "
                        f"directory with a 'state' item")
     saved = saved_scan_layers(path)
@@ -208,7 +211,7 @@ def _npz_params(path: str, flat: dict[str, np.ndarray], target: Any) -> Any:
   return jax.tree.unflatten(jax.tree.structure(target), arrays)
 
 
-def _state_params(path: str, state_dir: str, target: Any) -> Any:
+def _state_params(path: str, state_dir: storage.PathLike, target: Any) -> Any:
   item = {"params": target}
   restored = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
       item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),

@@ -19,7 +19,7 @@ import jax
 import ml_collections
 from jax.experimental import serialize_executable
 
-from avmae import sharding
+from avmae import sharding, storage
 
 FORMAT = "avmae-executable-1"
 VERSIONED = ("jax", "jaxlib", "libtpu", "flax", "optax")
@@ -59,8 +59,7 @@ def save(path: str, compiled, lowered, config: ml_collections.ConfigDict,
   payload, in_tree, out_tree = serialize_executable.serialize(compiled)
   blob = pickle.dumps({"format": FORMAT, "fingerprint": _fingerprint(lowered, config, mesh),
                        "payload": payload, "in_tree": in_tree, "out_tree": out_tree})
-  with open(path, "wb") as f:
-    f.write(blob)
+  storage.write(path, blob)  # a local file or a bucket object every host reads
   return len(blob)
 
 
@@ -83,8 +82,7 @@ def load(path: str, program, config: ml_collections.ConfigDict, mesh: jax.shardi
   """The saved step, callable as (state, batch) -> (state, metrics), after checking that it
   was compiled for this program, mesh, devices and package versions."""
   try:
-    with open(path, "rb") as f:
-      saved = pickle.load(f)
+    saved = pickle.loads(storage.path(path).read_bytes())
   except (OSError, pickle.UnpicklingError, EOFError) as e:
     raise ValueError(f"config.aot_executable={path}: cannot read it ({e})") from e
   if not isinstance(saved, dict) or saved.get("format") != FORMAT:

@@ -7,8 +7,8 @@ cached file is never reused for something else.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import os
 from typing import Any
 
 import flax.linen as nn
@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from avmae import checkpoint, sharding
+from avmae import checkpoint, sharding, storage
 from avmae.data import dataset_info, pipeline
 from avmae.methods import METHODS
 from avmae.methods.method import Method
@@ -25,17 +25,16 @@ from avmae.methods.method import Method
 
 def training_config(checkpoint_dir: str) -> ml_collections.ConfigDict:
   """The config a training workdir was run with (its config.json)."""
-  path = os.path.join(checkpoint_dir, "config.json")
-  if not os.path.exists(path):
+  path = storage.path(checkpoint_dir) / "config.json"
+  if not path.exists():
     raise ValueError(f"{path} does not exist: {checkpoint_dir!r} is not an avmae training "
                      "workdir (python -m avmae.train writes config.json there)")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
 def saved_steps(checkpoint_dir: str) -> list[int]:
-  root = os.path.join(checkpoint_dir, "checkpoints")
-  steps = sorted(int(n) for n in os.listdir(root) if n.isdigit()) if os.path.isdir(root) else []
+  root = storage.path(checkpoint_dir) / "checkpoints"
+  steps = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.is_dir() else []
   if not steps:
     raise ValueError(f"no checkpoints under {root}")
   return steps
@@ -58,7 +57,7 @@ def load_params(train_config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
                      out_shardings=shardings)
       return method, init()
   target = checkpoint.abstract_with_shardings(abstract, shardings)
-  path = os.path.join(checkpoint_dir, "checkpoints", str(step))
+  path = str(storage.path(checkpoint_dir) / "checkpoints" / str(step))
   try:
     # In the model's layer layout (model.scan_layers), whichever the checkpoint holds.
     return method, checkpoint.load_params(path, target, method.model.layer_stacks)
@@ -76,8 +75,8 @@ def fingerprint(params: Any) -> str:
 
 
 def dataset_hash(data_dir: str) -> str:
-  with open(os.path.join(data_dir, dataset_info.FILENAME), "rb") as f:
-    return hashlib.sha256(f.read()).hexdigest()[:16]
+  info = (storage.path(data_dir) / dataset_info.FILENAME).read_bytes()
+  return hashlib.sha256(info).hexdigest()[:16]
 
 
 def extract(method: Method, params: Any, data_cfg: ml_collections.ConfigDict, split: str,
@@ -86,9 +85,10 @@ def extract(method: Method, params: Any, data_cfg: ml_collections.ConfigDict, sp
   "labels": [N, C], "record_index": [N]), from the cache when the key matches."""
   key = hashlib.sha256(json.dumps([fingerprint(params), dataset_hash(data_cfg.dir), split,
                                    spec_key]).encode()).hexdigest()[:20]
-  path = None if cache_dir is None else os.path.join(cache_dir, f"{split}-{key}.npz")
-  if path and os.path.exists(path):
-    return dict(np.load(path))
+  path = None if cache_dir is None else storage.path(cache_dir) / f"{split}-{key}.npz"
+  if path and path.exists():
+    with path.open("rb") as f:
+      return dict(np.load(f))
 
   def features(params, batch):
     return {**method.features(params, batch), "labels": batch["labels"],
@@ -108,8 +108,7 @@ def extract(method: Method, params: Any, data_cfg: ml_collections.ConfigDict, sp
         chunks.setdefault(k, []).append(np.asarray(v)[keep])
   result = {k: np.concatenate(v) for k, v in chunks.items()}
   if path:
-    os.makedirs(cache_dir, exist_ok=True)
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, **result)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    np.savez(buffer, **result)
+    storage.write(path, buffer.getvalue())
   return result

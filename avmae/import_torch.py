@@ -14,7 +14,6 @@ from it and `python -m avmae.probe` (checkpoint_dir=DIR) probes it.
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 from absl import app, flags
@@ -24,7 +23,7 @@ import ml_collections
 import numpy as np
 from ml_collections import config_flags
 
-from avmae import checkpoint, optim, sharding, train
+from avmae import checkpoint, optim, sharding, storage, train
 from avmae.export import files
 from avmae.methods import METHODS
 
@@ -55,7 +54,7 @@ def import_checkpoint(checkpoint_path: str, config: ml_collections.ConfigDict,
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     state = jax.jit(lambda p: train.state_from_params(optimizer, p),
                     out_shardings=shardings)(params)
-  os.makedirs(workdir, exist_ok=True)
+  storage.path(workdir).mkdir(parents=True, exist_ok=True)
   train.write_run_info(workdir, config)
   data_state = json.dumps({"next_batch": 0, "num_skipped": 0}).encode()
   checkpoint.save(mngr, 0, state, data_state, config)

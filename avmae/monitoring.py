@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import time
 from typing import Any, Iterator, Sequence
 
 import jax
+
+from avmae import storage
 
 
 class MetricWriter:
@@ -17,44 +18,66 @@ class MetricWriter:
 
   A run that resumes from step k keeps the records of steps <= k and drops the rest (steps a
   killed run logged after its last checkpoint run again), so every step is in metrics.jsonl
-  once; TensorBoard is told to purge events after step k.
+  once; TensorBoard is told to purge events after step k. On a bucket, where an object cannot
+  be appended to, metrics.jsonl is rewritten whole every `REMOTE_FLUSH_SECONDS`, at each
+  `flush()` (the trainer's, once a checkpoint's step is logged) and at the end.
   """
+
+  REMOTE_FLUSH_SECONDS = 30.0
 
   def __init__(self, workdir: str, start_step: int):
     self._enabled = jax.process_index() == 0
     if not self._enabled:
       return
     from tensorboardX import SummaryWriter
-    path = os.path.join(workdir, "metrics.jsonl")
+    self._path = storage.path(workdir) / "metrics.jsonl"
+    self._remote = storage.is_remote(self._path)
+    self._lines: list[str] = []  # on a bucket: every record, written whole
     purge_step = None
-    if os.path.exists(path):
-      kept = [line for line in open(path) if _step_of(line) is not None
-              and _step_of(line) <= start_step]
-      with open(path + ".tmp", "w") as f:
-        f.writelines(kept)
-      os.replace(path + ".tmp", path)
+    if self._path.exists():
+      kept = [line for line in self._path.read_text().splitlines(keepends=True)
+              if _step_of(line) is not None and _step_of(line) <= start_step]
+      storage.write(self._path, "".join(kept))
       purge_step = start_step + 1
-    self._jsonl = open(path, "a")
-    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=purge_step)
+      self._lines = kept if self._remote else []
+    self._jsonl = None if self._remote else self._path.open("a")
+    self._flushed = time.monotonic()
+    self._tb = SummaryWriter(str(storage.path(workdir) / "tensorboard"), purge_step=purge_step)
 
   def scalars(self, step: int, values: dict[str, float]) -> None:
     if not self._enabled:
       return
-    self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
-    self._jsonl.flush()
+    line = json.dumps({"step": step, **values}) + "\n"
+    if self._remote:
+      self._lines.append(line)
+      if time.monotonic() - self._flushed > self.REMOTE_FLUSH_SECONDS:
+        self.flush()
+    else:
+      self._jsonl.write(line)
+      self._jsonl.flush()
     for k, v in values.items():
       self._tb.add_scalar(k, v, step)
     text = " ".join(f"{k}={v:.4g}" for k, v in values.items())
     print(f"step {step}: {text}", flush=True)
 
+  def flush(self) -> None:
+    """Every record so far is in metrics.jsonl (on a bucket too)."""
+    if self._enabled and self._remote:
+      storage.write(self._path, "".join(self._lines))
+      self._flushed = time.monotonic()
+
   def image(self, step: int, name: str, path: str) -> None:
     if self._enabled:
       import matplotlib.image
-      self._tb.add_image(name, matplotlib.image.imread(path)[..., :3], step, dataformats="HWC")
+      with storage.path(path).open("rb") as f:
+        picture = matplotlib.image.imread(f, format="png")
+      self._tb.add_image(name, picture[..., :3], step, dataformats="HWC")
 
   def close(self) -> None:
     if self._enabled:
-      self._jsonl.close()
+      self.flush()
+      if self._jsonl is not None:
+        self._jsonl.close()
       self._tb.close()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 from typing import Any, Sequence
 
@@ -10,6 +11,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on training hosts
 import matplotlib.pyplot as plt
 import numpy as np
+
+from avmae import storage
 
 
 def plot_clips(clips: Sequence[dict[str, Any]], path: str, frame_shift_s: float = 0.01) -> None:
@@ -39,9 +42,7 @@ def plot_clips(clips: Sequence[dict[str, Any]], path: str, frame_shift_s: float 
       ax.axis("off")
   axes[-1][0].set_xlabel("seconds" + (" (dashed: frame times)" if num_frames else ""),
                         fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  _save(fig, path, dpi=110)
 
 
 def _frame_for_display(frame: np.ndarray, kind: str) -> np.ndarray:
@@ -114,9 +115,7 @@ def plot_reconstructions(panels: Sequence[Panel], path: str, title: str = "",
         ax.set_title(label, fontsize=8)
   if title:
     fig.suptitle(title, fontsize=9)
-  fig.tight_layout()
-  fig.savefig(path, dpi=90)
-  plt.close(fig)
+  _save(fig, path, dpi=90)
 
 
 def plot_loss_curves(records: Sequence[dict[str, float]], keys: Sequence[str], path: str) -> None:
@@ -129,9 +128,7 @@ def plot_loss_curves(records: Sequence[dict[str, float]], keys: Sequence[str], p
     ax.set_xlabel("step", fontsize=8)
     ax.tick_params(labelsize=7)
     ax.grid(alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  _save(fig, path)
 
 
 def plot_sweep(rows: Sequence[dict[str, Any]], path: str) -> None:
@@ -206,7 +203,10 @@ def _finish_axes(ax, title: str, xlabel: str) -> None:
   ax.legend(fontsize=6)
 
 
-def _save(fig, path: str) -> None:
+def _save(fig, path: str, dpi: int = 100) -> None:
+  """A PNG at `path`, local or on a bucket."""
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png", dpi=dpi)
   plt.close(fig)
+  storage.write(path, buffer.getvalue())

@@ -12,8 +12,8 @@ init of the same shape as a dashed line) and prints a table.
 from __future__ import annotations
 
 import csv
+import io
 import json
-import os
 import time
 from typing import Any
 
@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 from ml_collections import config_flags
 
-from avmae import extract, metrics, plots, probe_heads, sharding
+from avmae import extract, metrics, plots, probe_heads, sharding, storage
 from avmae.data import dataset_info
 
 RESULT_KEYS = ("step", "dataset", "mode", "metric", "value", "lr", "weight_decay", "split",
@@ -145,10 +145,10 @@ def retrieval_rows(test: dict[str, np.ndarray], directions: dict[str, tuple[str,
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:
   """Probes every step x dataset; writes results.json/.csv and sweep.png; returns the rows."""
-  os.makedirs(workdir, exist_ok=True)
+  storage.path(workdir).mkdir(parents=True, exist_ok=True)
   train_config = extract.training_config(config.checkpoint_dir)
   mesh = sharding.make_mesh(config.mesh)
-  cache = os.path.join(workdir, "features") if config.cache else None
+  cache = str(storage.path(workdir) / "features") if config.cache else None
   spec = json.dumps({"layer": "all", "all_frames": config.data.all_frames,
                      "dtype": train_config.dtype})
   rows: list[dict[str, Any]] = []
@@ -183,14 +183,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
 
 def write_results(workdir: str, config: ml_collections.ConfigDict,
                   rows: list[dict[str, Any]]) -> None:
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump({"config": json.loads(config.to_json_best_effort()), "rows": rows}, f, indent=1)
-  with open(os.path.join(workdir, "results.csv"), "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=RESULT_KEYS)
-    w.writeheader()
-    w.writerows(rows)
-  plots.plot_sweep(rows, os.path.join(workdir, "sweep.png"))
-  plots.plot_probe_curve(rows, os.path.join(workdir, "curve.png"))
+  out = storage.path(workdir)
+  storage.write(out / "results.json", json.dumps(
+      {"config": json.loads(config.to_json_best_effort()), "rows": rows}, indent=1))
+  table = io.StringIO(newline="")
+  w = csv.DictWriter(table, fieldnames=RESULT_KEYS)
+  w.writeheader()
+  w.writerows(rows)
+  storage.write(out / "results.csv", table.getvalue())
+  plots.plot_sweep(rows, str(out / "sweep.png"))
+  plots.plot_probe_curve(rows, str(out / "curve.png"))
   print(summary_table(rows))
 
 

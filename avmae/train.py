@@ -23,7 +23,8 @@ import numpy as np
 import optax
 from ml_collections import config_flags
 
-from avmae import checkpoint, distributed, executable, flops, masking, optim, sharding
+from avmae import (checkpoint, distributed, executable, flops, masking, optim, sharding,
+                   storage)
 from avmae.data import dataset_info, pipeline
 from avmae.methods import METHODS
 from avmae.methods.method import raise_failed
@@ -71,13 +72,12 @@ def write_run_info(workdir: str, config: ml_collections.ConfigDict) -> None:
   except OSError:
     rev = ""
   versions = {p: metadata.version(p) for p in PACKAGES}
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
-  with open(os.path.join(workdir, "run_info.json"), "w") as f:
-    json.dump({"git_revision": rev or "unknown", "versions": versions,
-               "python": sys.version.split()[0], "argv": sys.argv,
-               "devices": [str(d) for d in jax.devices()],
-               "process_count": jax.process_count()}, f, indent=2)
+  storage.write(storage.path(workdir) / "config.json", config.to_json_best_effort(indent=2))
+  storage.write(storage.path(workdir) / "run_info.json", json.dumps(
+      {"git_revision": rev or "unknown", "versions": versions,
+       "python": sys.version.split()[0], "argv": sys.argv,
+       "devices": [str(d) for d in jax.devices()],
+       "process_count": jax.process_count()}, indent=2))
 
 
 # ----------------------------------------------------------------------------- train step
@@ -224,13 +224,13 @@ def _train(config: ml_collections.ConfigDict, workdir: str, cleanup: contextlib.
   rules = tuple(tuple(r) for r in config.sharding_rules)
   info = dataset_info.load(config.data.dir)
   validate(config, info, mesh)
-  os.makedirs(workdir, exist_ok=True)
+  storage.path(workdir).mkdir(parents=True, exist_ok=True)
   mngr = checkpoint.manager(workdir, config.keep_checkpoints, keep_period=config.keep_period)
   cleanup.callback(mngr.close)
   cleanup.callback(mngr.wait_until_finished)  # first: a save under way is finished
   latest = mngr.latest_step()
   if latest is not None:  # before compiling: a changed model or input shape fails here
-    checkpoint.check_resume_config(os.path.join(str(mngr.directory), str(latest)), config)
+    checkpoint.check_resume_config(str(mngr.directory / str(latest)), config)
   if jax.process_index() == 0:
     write_run_info(workdir, config)
 
@@ -290,7 +290,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, cleanup: contextlib.
   cleanup.callback(preemption.close)
   times = StepTimes(step, peak_flops=flops.peak_flops(mesh.devices.flat),
                     step_flops=method.train_step_flops, batch_size=config.data.batch_size)
-  profile = Profile(config.profile_steps, os.path.join(workdir, "profile"))
+  profile = Profile(config.profile_steps, str(storage.path(workdir) / "profile"))
   cleanup.callback(profile.close)
   last_metrics: dict[str, float] = {}
 
@@ -323,6 +323,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, cleanup: contextlib.
     metrics.update(times.window(pending.step))
     metrics["skipped_records"] = float(pending.data.num_skipped)
     writer.scalars(pending.step, metrics)
+    if pending.step % config.checkpoint_every_steps == 0:
+      writer.flush()  # on a bucket: the records up to a checkpoint are there with it
     last_metrics = metrics
 
   def read_batch() -> dict[str, jax.Array]:
@@ -349,7 +351,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, cleanup: contextlib.
       if step % config.image_every_steps == 0 or step == config.total_steps:
         images = jax.device_get(p_reconstruct(state["params"], picture_batch, picture_key))
         if jax.process_index() == 0:
-          path = os.path.join(workdir, f"reconstruction_{step:07d}.png")
+          path = str(storage.path(workdir) / f"reconstruction_{step:07d}.png")
           method.plot_reconstructions(images, path, f"step {step}")
           writer.image(step, "reconstruction", path)
       preempted = preemption.reached(step)  # the same step on every process

@@ -28,6 +28,12 @@ def save(data_dir: str, info: dict[str, Any]) -> None:
 
 def load(data_dir: str) -> dict[str, Any]:
   """Reads and validates dataset_info.json of `data_dir`."""
+  if "://" in data_dir:
+    raise errors.SchemaError(
+        f"data.dir={data_dir!r}: a dataset on a bucket is read through a local mount. Mount "
+        "it with gcsfuse (`python experiments/launch/tpu_vm.py install --gcsfuse_bucket="
+        "BUCKET --mount_point=/mnt/data` mounts it on every worker) and set data.dir to the "
+        "path under the mount point")
   path = os.path.join(data_dir, FILENAME)
   if not os.path.exists(path):
     raise errors.SchemaError(

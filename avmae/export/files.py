@@ -9,11 +9,14 @@ order) with our metadata inside. Both get a `<file>.json` beside them with that 
 from __future__ import annotations
 
 import collections
+import io
 import json
 import os
 from typing import Any
 
 import numpy as np
+
+from avmae import storage
 
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin")
 SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
@@ -31,21 +34,20 @@ def _suffix(path: str) -> str:
 def save(path: str, state_dict: dict[str, np.ndarray], metadata: dict[str, Any],
          wrap: str = "") -> None:
   """Writes `state_dict` (order kept in .pth; `wrap`: a .pth holding {wrap: state_dict}) and
-  `<path>.json`; atomically (tmp + rename)."""
+  `<path>.json`, each whole or not at all (`storage.write`); `path` may be on a bucket."""
   import torch  # lazy: export is the only torch user
   suffix = _suffix(path)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tensors = collections.OrderedDict((k, torch.from_numpy(np.array(v, order="C")))  # a copy
                                     for k, v in state_dict.items())
-  tmp = path + ".tmp"
   if suffix == ".safetensors":
-    from safetensors.torch import save_file
-    save_file(tensors, tmp, metadata={"avmae": json.dumps(metadata)})
+    from safetensors.torch import save as safetensors_bytes
+    data = safetensors_bytes(tensors, metadata={"avmae": json.dumps(metadata)})
   else:
-    torch.save({wrap: tensors} if wrap else tensors, tmp)
-  os.replace(tmp, path)
-  with open(path + ".json", "w") as f:
-    json.dump(metadata, f, indent=2)
+    buffer = io.BytesIO()
+    torch.save({wrap: tensors} if wrap else tensors, buffer)
+    data = buffer.getvalue()
+  storage.write(path, data)
+  storage.write(path + ".json", json.dumps(metadata, indent=2))
 
 
 def load(path: str) -> collections.OrderedDict[str, np.ndarray]:
@@ -54,14 +56,15 @@ def load(path: str) -> collections.OrderedDict[str, np.ndarray]:
   `weights_only=True` (no code runs). Errors name the file and what is wrong."""
   import torch
   suffix = _suffix(path)
-  if not os.path.isfile(path):
+  if not storage.path(path).is_file():
     raise FileNotFoundError(f"{path}: no such checkpoint file")
+  data = storage.path(path).read_bytes()
   try:
     if suffix == ".safetensors":
-      from safetensors.torch import load_file
-      obj = load_file(path)
+      from safetensors.torch import load
+      obj = load(data)
     else:
-      obj = torch.load(path, map_location="cpu", weights_only=True)
+      obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
   except Exception as e:  # torch/safetensors raise many types for damaged files
     raise ValueError(f"{path}: cannot read it as a {suffix} state_dict "
                      f"({type(e).__name__}: {e})") from e

@@ -20,7 +20,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from avmae import extract, sharding
+from avmae import extract, sharding, storage
 from avmae.data import augment, dataset_info, errors
 from avmae.export import files
 
@@ -62,7 +62,7 @@ def export(workdir: str, out: str, fmt: str = "", step: int | None = None,
                      f"one of {method.export_formats}")
   fingerprint = extract.fingerprint(params)
   params = jax.tree.map(np.asarray, jax.device_get(params))
-  meta = {"format": fmt, "source": {"workdir": os.path.abspath(workdir), "step": step,
+  meta = {"format": fmt, "source": {"workdir": str(storage.path(workdir)), "step": step,
                                     "params_fingerprint": fingerprint},
           "preprocessing": _preprocessing(config)}
   options = {"variant": variant, "num_classes": num_classes, "module_prefix": module_prefix,
@@ -76,5 +76,6 @@ def export(workdir: str, out: str, fmt: str = "", step: int | None = None,
     files.save(path, state_dict, {**meta, **extra, "preprocessing": preprocessing,
                                   "wrapped_in": wrap or None}, wrap)
     written.append(path)
-    print(f"wrote {path} ({os.path.getsize(path) / 2**20:.1f} MiB) and {path}.json", flush=True)
+    size = storage.path(path).stat().length
+    print(f"wrote {path} ({size / 2**20:.1f} MiB) and {path}.json", flush=True)
   return written

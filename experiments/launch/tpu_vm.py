@@ -92,7 +92,7 @@ def install(a: argparse.Namespace) -> Plan:
       f"{{ command -v {python} >/dev/null || {{ sudo apt-get update -q && "
       f"sudo apt-get install -y -q {python} {shlex.quote(a.python + '-venv')}; }}; }}",
       f"{python} -m venv {VENV}",
-      f"{VENV}/bin/pip install -q -e \"./{SOURCE}[tpu]\""])
+      f"{VENV}/bin/pip install -q -e \"./{SOURCE}[tpu,gcs]\""])
   plan = [Run(["git", "-C", common.REPO, "archive", "--format=tar.gz", f"--output={a.archive}",
                "HEAD"]),
           Run([*_group(a), "scp", a.archive, f"{a.name}:", *_where(a), *_everyone(a)]),

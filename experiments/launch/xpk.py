@@ -9,7 +9,7 @@ with `xpk cluster create`):
     python experiments/launch/xpk.py list --cluster=C [--project=P] [--zone=Z]
 
 The image must hold the repository at its working directory with avmae installed
-(`pip install -e .[tpu]`); xpk runs the trainer in it on every host of every slice, and GKE
+(`pip install -e .[tpu,gcs]`); xpk runs the trainer in it on every host of every slice, and GKE
 sets what jax.distributed.initialize() and the multi-slice runtime read. --max_restarts lets
 the JobSet restart after a preemption or a lost node: the trainer resumes from the newest
 checkpoint in the workdir. Every subcommand takes --dry_run.
