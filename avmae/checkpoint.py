@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec
 
 from avmae import storage
@@ -177,20 +178,33 @@ def restore(mngr: ocp.CheckpointManager, step: int, target: Any, stacks: Mapping
   return state, json.dumps(data).encode()
 
 
-def load_params(path: str, target: Any, stacks: Mapping[str, int]) -> Any:
-  """Parameters to start from: an avmae checkpoint step dir (its state's params) or an .npz
-  of "a/b/c"-keyed arrays. Placed with `target`'s shardings; every key must match. Either
-  layer layout loads (a step dir's config says which it holds, an .npz's keys)."""
+def load_params(path: str, target: Any, stacks: Mapping[str, int],
+                import_state_dict: Callable[[Mapping[str, np.ndarray]], Any] | None = None
+                ) -> Any:
+  """Parameters to start from: an avmae checkpoint step dir (its state's params), an .npz
+  of "a/b/c"-keyed arrays, or an official PyTorch state_dict (.pth, .safetensors, e.g.
+  CAV-MAE's IN-initial.pth) mapped by the method's `import_state_dict`. Placed with
+  `target`'s shardings; every key must match. Either layer layout loads (a step dir's config
+  says which it holds, an .npz's keys)."""
+  from avmae.export import files  # torch is imported only for a state_dict
   if path.endswith(".npz"):
     with storage.path(path).open("rb") as f:
       flat = dict(np.load(f))
     saved = any(k.split("/")[0] in stacks for k in flat)
     load = lambda t: _npz_params(path, flat, t)
+  elif path.endswith(files.SUFFIXES):
+    if import_state_dict is None:
+      raise ValueError(f"init_checkpoint {path}: this method has no PyTorch layout to import")
+    params = import_state_dict(files.load(path))
+    flat = {"/".join(k): v for k, v in traverse_util.flatten_dict(params).items()}
+    saved = any(k.split("/")[0] in stacks for k in flat)
+    load = lambda t: _npz_params(path, flat, t)
   else:
     state_dir = storage.path(path) / "state"
     if not state_dir.is_dir():
-      raise ValueError(f"init_checkpoint {path}: neither an .npz nor a checkpoint step "
-                       f"directory with a 'state' item")
+      raise ValueError(f"init_checkpoint {path}: neither an .npz, a PyTorch state_dict "
+                       f"({', '.join(files.SUFFIXES)}) nor a checkpoint step directory with a "
+                       "'state' item")
     saved = saved_scan_layers(path)
     load = lambda t: _state_params(path, state_dir, t)
   return _load_converted(path, load, target, stacks, saved, is_scanned(target, stacks))

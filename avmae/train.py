@@ -277,7 +277,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, cleanup: contextlib.
     if config.init_checkpoint:
       target = abstract["params"]
       state["params"] = checkpoint.load_params(config.init_checkpoint, target,
-                                               method.model.layer_stacks)
+                                               method.model.layer_stacks,
+                                               method.import_state_dict)
       print(f"initialised parameters from {config.init_checkpoint}", flush=True)
 
   # --- loop ----------------------------------------------------------------------------

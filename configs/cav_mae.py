@@ -18,13 +18,13 @@ base is the recommended AudioSet recipe: the official model, masks, losses, opti
   4.4849), right for any dataset.
 - training starts from random weights unless `init_checkpoint` names parameters to start from.
   The official run starts from ImageNet MAE weights (IN-initial.pth); to do the same:
-      python -m avmae.import_torch --checkpoint=IN-initial.pth \
-          --config=configs/cav_mae.py:base --workdir=runs/in_initial
       python -m avmae.train --config=configs/cav_mae.py:base --config.data.dir=DATA \
-          --config.init_checkpoint=runs/in_initial/checkpoints/0 --workdir=runs/cav_mae
-  (the import lists the keys CAVMAE lacks, IN-initial's cls tokens, and ignores them, as the
-  official strict=False load does; facebookresearch/mae ViT checkpoints import too, mapped
-  as the official adapt_vmae_weights.py does).
+          --config.init_checkpoint=IN-initial.pth --workdir=runs/cav_mae
+  (the state_dict is mapped as `python -m avmae.import_torch` maps it, which lists the keys
+  CAVMAE lacks, IN-initial's cls tokens, and ignores them, as the official strict=False load
+  does; facebookresearch/mae ViT checkpoints load too, mapped as the official
+  adapt_vmae_weights.py does. avmae.import_torch also converts such a file once into a
+  workdir, whose checkpoints/0 then serves as init_checkpoint.)
 
 base_official and scale_pp_official: the official runs, every value the official one
 (egs/audioset/run_cavmae_pretrain_base.sh and run_cavmae_pretrain_scale++.sh, src/
@@ -38,7 +38,7 @@ AudioSet's fixed log-mel constants; noise then time-roll augmentation; mask 0.75
   eps): these configs take that equivalent scaling, not a summed loss, so logged losses are the
   official log's / 4 (tests/test_optim.py checks the equivalence against torch.optim.Adam).
 - Start them from IN-initial.pth as above (the official runs do), with `:base_official` or
-  `:scale_pp_official` in both commands.
+  `:scale_pp_official` in the command.
 - Frames: the official frames are extracted at 224 px by extract_video_frame.py with
   torchvision's default bilinear resize and centre crop, as data_prep.build's default; the
   official dataloader's bicubic resize leaves those 224 px frames unchanged. For frames of
@@ -201,7 +201,9 @@ def _base_config(size: str) -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
   c.dcn_mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
   c.sharding_rules = SHARDING_RULES
-  c.init_checkpoint = ""  # base: optionally start from these parameters (orbax or .npz)
+  # Parameters to start from: a checkpoint step dir, an .npz, or an official state_dict
+  # (.pth, .safetensors; e.g. IN-initial.pth, see the docstring).
+  c.init_checkpoint = ""
   c.aot_executable = ""  # a train step compiled by `avmae.aot --save` (checked, then run)
   c.keep_period = 0  # also keep every checkpoint whose step is a multiple of this (0: off)
   c.profile_steps = ()  # (first, last): a jax.profiler trace of those steps in WORKDIR/profile

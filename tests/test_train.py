@@ -286,8 +286,11 @@ def test_init_checkpoint_loads_params_from_a_run_or_an_npz(synthetic_dir, tmp_pa
   np.savez(tmp_path / "partial.npz", **flat)
   with pytest.raises(ValueError, match=r"partial.npz: parameters missing \['norm_a/scale'\]"):
     checkpoint.load_params(str(tmp_path / "partial.npz"), target, stacks)
-  with pytest.raises(ValueError, match="neither an .npz nor a checkpoint step directory"):
+  with pytest.raises(ValueError, match=r"neither an .npz, a PyTorch state_dict \(.safetensors, "
+                     r".pth, .pt, .bin\) nor a checkpoint step directory"):
     checkpoint.load_params(str(tmp_path), target, stacks)
+  with pytest.raises(ValueError, match=r"model.pth: this method has no PyTorch layout"):
+    checkpoint.load_params(str(tmp_path / "model.pth"), target, stacks)
 
 
 def test_two_processes_train_like_one(synthetic_dir, tmp_path):
