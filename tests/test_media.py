@@ -5,6 +5,7 @@ import av
 import numpy as np
 import pytest
 
+from avmae.data import features
 from data_prep import media_factory as mf
 from data_prep import media
 
@@ -244,6 +245,55 @@ def test_too_short(files):
     media.decode_clip(p, 0.0, None, options(min_seconds=5.0))
   clip = media.decode_clip(p, 1.5, 10.0, options(min_seconds=1.0))  # end clipped to the file
   assert clip.duration == pytest.approx(1.5) and clip.waveform.shape == (24000,)
+
+
+def plain_decode(p: str, start: float, end: float | None, o: media.DecodeOptions) -> tuple:
+  """decode_clip as it was before issue 15, written plainly for files whose seek lands
+  (mp4): every video frame decoded, audio mixed to mono frame by frame, placed by pts.
+  Audio stops at the first frame reaching `end`, as decode_clip (the resampler's tail
+  depends on where its input ends). Returns (waveform, frames, timestamps)."""
+  with av.open(p) as c:
+    end = min(end or np.inf, c.duration / av.time_base)
+    if start:
+      c.seek(int(start * av.time_base), backward=True, any_frame=False)
+    resampler = av.AudioResampler(format="fltp", rate=o.sample_rate)
+    wave = np.zeros(round((end - start) * o.sample_rate), np.float32)
+    video, resampled, audio_done = [], [], False
+    for packet in c.demux(c.streams.audio[0], c.streams.video[0]):
+      for f in packet.decode():
+        if packet.stream.type == "video":
+          video.append(f)
+        elif not audio_done:
+          resampled += resampler.resample(f)
+          audio_done = f.time + f.samples / f.sample_rate >= end
+    for f in resampled + resampler.resample(None):
+      pos = round(f.pts * f.time_base * o.sample_rate) - round(start * o.sample_rate)
+      data = media._MONO[o.mono](f.to_ndarray())
+      lo, hi = max(pos, 0), min(pos + len(data), len(wave))
+      if hi > lo:
+        wave[lo:hi] = data[lo - pos:hi - pos]
+  n = o.num_frames
+  targets = start + (np.arange(n) + 0.5) * (end - start) / n
+  times = np.array([f.time for f in video])
+  chosen = np.maximum(np.searchsorted(times, targets, side="right") - 1, 0)
+  frames = np.stack([media.resize_and_crop(video[i].to_ndarray(format="rgb24"), o.frame_size,
+                                           o.frame_resize) for i in chosen])
+  return wave, frames, (targets - start).astype(np.float32)
+
+
+@pytest.mark.parametrize("name,start,end,mono", [
+    ("h264", 0.0, None, "mix"), ("h264", 0.7, 2.3, "mix"), ("h264", 1.3, None, "first"),
+    ("mpeg4", 0.0, None, "first"), ("mpeg4", 0.6, 2.9, "mix"), ("faststart", 1.1, 3.3, "mix")])
+def test_same_bits_as_decoding_everything(files, name, start, end, mono):
+  """Decoding stops after the last frame needed and mixes the audio once: the waveform,
+  frames, timestamps and log-mel are bit for bit those of decoding every frame."""
+  o = options(mono=mono, num_frames=7)
+  clip = media.decode_clip(path(files, name), start, end, o)
+  wave, frames, timestamps = plain_decode(path(files, name), start, end, o)
+  for got, want in ((clip.waveform, wave), (clip.frames, frames), (clip.timestamps, timestamps),
+                    (features.log_mel(clip.waveform, RATE, 128), features.log_mel(wave, RATE, 128))):
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert got.tobytes() == want.tobytes()
 
 
 def test_probe(files):
