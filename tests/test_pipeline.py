@@ -404,3 +404,22 @@ def test_the_host_keeps_the_audio_augmentations_drawing_per_element(dataset_dir)
                             mesh=sharding.make_mesh({"data": -1, "fsdp": 1})) as b:
         batches.append(_take(b, 2))
     _assert_batches_equal(*batches)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_frames_decoded_into_the_batch_are_the_records_frames(dataset_dir, train):
+  """Frames that need no resize are decoded straight into the batch's rows: each row is the
+  record's chosen frame (training: the RNG's first draw; evaluation: the middle one)."""
+  cfg = _cfg(dataset_dir, image_size=24)  # the stored frame size: no resize
+  split = "train" if train else "eval"
+  source = _batch_source(cfg, split, train=train, seed=5, global_batch_size=8,
+                         process_index=0, process_count=1)
+  records, _ = pipeline.open_split(cfg, split, train)
+  for j in range(2):
+    batch = source[j]
+    for row, record in enumerate(batch["record_index"]):
+      if record < 0:
+        continue
+      frames = schema.decode_example(records[record].data, "")["frames"]
+      chosen = np.random.default_rng([5, j * 8 + row]).integers(3) if train else 1
+      np.testing.assert_array_equal(batch["frames"][row], frames[chosen], err_msg=f"{j} {row}")

@@ -14,13 +14,17 @@ IMAGE_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGE_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 
-def crop_or_pad(log_mel: np.ndarray, num_frames: int) -> np.ndarray:
-  """First `num_frames` frames, zero-padded at the end (as the official loaders do)."""
-  t = log_mel.shape[0]
-  if t >= num_frames:
-    return log_mel[:num_frames]
-  out = np.zeros((num_frames, *log_mel.shape[1:]), log_mel.dtype)  # np.pad's, at a tenth
-  out[:t] = log_mel
+def crop_or_pad(log_mel: np.ndarray, num_frames: int, out: np.ndarray | None = None
+                ) -> np.ndarray:
+  """First `num_frames` frames, zero-padded at the end (as the official loaders do); written
+  into `out` when given (a batch's row), else a view or a new array."""
+  t = min(log_mel.shape[0], num_frames)
+  if out is None:
+    if t == num_frames:
+      return log_mel[:num_frames]
+    out = np.empty((num_frames, *log_mel.shape[1:]), log_mel.dtype)  # np.pad's, at a tenth
+  out[:t] = log_mel[:t]
+  out[t:] = 0
   return out
 
 

@@ -180,14 +180,15 @@ def _prepare_audio(log_mel: np.ndarray, spec: ExampleSpec, rng: np.random.Genera
   return audio
 
 
-def example_audio(log_mel: np.ndarray, spec: ExampleSpec, rng: np.random.Generator
-                  ) -> dict[str, np.ndarray]:
-  """The example's audio: finished on the host, or as stored (cropped or padded) with its
-  roll's shift, finished where the batch lands (avmae/data/finish.py)."""
+def example_audio(log_mel: np.ndarray, spec: ExampleSpec, rng: np.random.Generator,
+                  out: np.ndarray | None = None) -> dict[str, np.ndarray]:
+  """The example's audio: finished on the host, or as stored (cropped or padded, into `out`
+  when given) with its roll's shift, finished on the devices (avmae/data/finish.py)."""
   if spec.audio_on_host:
     return {"audio": _prepare_audio(log_mel, spec, rng)}
   shift = augment.roll_shift(spec.audio_frames, rng) if spec.rolls else 0
-  return {"audio": augment.crop_or_pad(log_mel, spec.audio_frames), finish.ROLL: np.int32(shift)}
+  return {"audio": augment.crop_or_pad(log_mel, spec.audio_frames, out),
+          finish.ROLL: np.int32(shift)}
 
 
 def _prepare_frames(decoded: np.ndarray, spec: ExampleSpec, rng: np.random.Generator
@@ -209,14 +210,29 @@ def _multi_hot(labels: np.ndarray, spec: ExampleSpec, where: str) -> np.ndarray:
   return hot
 
 
-def prepare_example(record: RawRecord, rng: np.random.Generator, spec: ExampleSpec
-                    ) -> dict[str, Any]:
-  """One record -> one model-ready example (see the module docstring for the fields)."""
+def _frames_in_place(spec: ExampleSpec, row: dict[str, np.ndarray]) -> np.ndarray | None:
+  """The row's frames as [N, H, W, 3] to decode into, when the frames need no resize, crop
+  or flip (e.g. CAV-MAE's 224 px frames stored at 224 px); else None."""
+  frames = row.get("frames")
+  if frames is None or spec.frame_size != spec.image_size or spec.train and (
+      spec.random_resized_crop or spec.flip):
+    return None
+  return frames if spec.all_frames or spec.num_frames > 1 else frames[None]
+
+
+def prepare_example(record: RawRecord, rng: np.random.Generator, spec: ExampleSpec,
+                    row: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+  """One record -> one model-ready example (see the module docstring for the fields).
+
+  `row`: views of the example's row of a batch; the frames (when they need no resize, crop
+  or flip) are decoded and the unfinished audio written there, saving the batch's copy."""
   index, data, where = record
   if data is None:  # failed its CRC check and skipped by the source
     return empty_example(spec, index, num_skipped=1)
+  row = row or {}
   try:
-    ex = schema.decode_example(data, where, lambda n: clip_frames(n, spec, rng, where))
+    ex = schema.decode_example(data, where, lambda n: clip_frames(n, spec, rng, where),
+                               _frames_in_place(spec, row))
   except errors.CorruptRecordError as e:
     if not spec.skip_corrupt:
       raise
@@ -225,7 +241,7 @@ def prepare_example(record: RawRecord, rng: np.random.Generator, spec: ExampleSp
   _check_shapes(ex, spec, where)
   # The RNG is drawn in this order (frames chosen, audio, frame crops) so that batches of
   # a seed stay the same.
-  example = example_audio(ex["log_mel"], spec, rng)
+  example = example_audio(ex["log_mel"], spec, rng, row.get("audio"))
   if spec.reads_frames:
     example["frames"] = _prepare_frames(ex["frames"], spec, rng)
   return {
@@ -327,17 +343,29 @@ class BatchSource:
           len(self._records))}
     return int(self._permutations[epoch][index])
 
-  def _example(self, position: int) -> dict[str, Any]:
+  def _example(self, position: int, row: dict[str, np.ndarray]) -> dict[str, Any]:
     if not self.spec.train and position >= len(self._records):
       return empty_example(self.spec, -1, 0)
     record = self._record(position) if self.spec.train else position
     rng = np.random.default_rng([self._seed, position])  # evaluation draws nothing from it
-    return prepare_example(self._records[record], rng, self.spec)
+    return prepare_example(self._records[record], rng, self.spec, row)
 
   def __getitem__(self, batch: int) -> dict[str, np.ndarray]:
     start = batch * self._global_batch_size
-    examples = [self._example(start + r) for r in self.rows]
-    return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+    template = empty_example(self.spec, -1, 0)
+    out = {k: np.empty((len(self.rows), *np.shape(v)), np.asarray(v).dtype)
+           for k, v in template.items()}
+    for i, r in enumerate(self.rows):
+      row = {k: out[k][i] for k in ("audio", "frames") if k in out}  # views
+      for k, v in self._example(start + r, row).items():
+        if not (k in row and _same_view(v, row[k])):  # not written in place already
+          out[k][i] = v
+    return out
+
+
+def _same_view(a: np.ndarray, b: np.ndarray) -> bool:
+  return (a.shape == b.shape and a.strides == b.strides
+          and a.__array_interface__["data"][0] == b.__array_interface__["data"][0])
 
 
 def first_examples(cfg: ml_collections.ConfigDict, split: str, count: int

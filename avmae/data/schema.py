@@ -116,12 +116,15 @@ def _get(feat, key: str, kind: str, where: str):
 
 
 def decode_example(data: bytes, where: str,
-                   choose_frames: Callable[[int], np.ndarray] | None = None) -> dict[str, Any]:
+                   choose_frames: Callable[[int], np.ndarray] | None = None,
+                   frames_out: np.ndarray | None = None) -> dict[str, Any]:
   """Parses one record into numpy arrays.
 
   Only the frames whose indices `choose_frames(num_frames)` returns are decoded (all when
   None), since JPEG decoding dominates the cost of reading a record. "frames" is uint8
   [N, H, W, 3], N = 0 for a clip stored without video (data_prep.build --require_video=false).
+  Frames of `frames_out`'s [H, W, 3] are decoded into it (a batch's row: no copy) and
+  "frames" is then `frames_out`.
 
   Raises CorruptRecordError when the bytes do not parse and SchemaError when a feature is
   missing or inconsistent; `where` names the file and record in the message.
@@ -149,10 +152,17 @@ def decode_example(data: bytes, where: str,
                              f"{len(timestamps)} timestamps disagree")
   (encoding,) = _get(feat, "video/encoding", "bytes_list", where)
   indices = np.arange(len(images)) if choose_frames is None else choose_frames(len(images))
-  frames = [_decode_frame(images[i], encoding, video_shape[1:], where) for i in indices]
+  out = [None] * len(indices)
+  if frames_out is not None and len(frames_out) == len(indices):
+    out = list(frames_out)
+  frames = [_decode_frame(images[i], encoding, video_shape[1:], where, o)
+            for i, o in zip(indices, out)]
   # No frames (an audio-only clip, or none chosen) still gives [0, H, W, 3]; one, a view.
-  frames = (frames[0][None] if len(frames) == 1 else np.stack(frames) if frames else
-            np.zeros((0, *video_shape[1:]), np.uint8))
+  if frames and all(f is o for f, o in zip(frames, out)):
+    frames = frames_out
+  else:
+    frames = (frames[0][None] if len(frames) == 1 else np.stack(frames) if frames else
+              np.zeros((0, *video_shape[1:]), np.uint8))
   return {
       "clip_id": _get(feat, "clip_id", "bytes_list", where)[0].decode(),
       "source": _get(feat, "source", "bytes_list", where)[0].decode(),
@@ -165,16 +175,25 @@ def decode_example(data: bytes, where: str,
   }
 
 
-def _decode_frame(image: bytes, encoding: bytes, shape: tuple[int, ...], where: str
-                  ) -> np.ndarray:
+def _decode_frame(image: bytes, encoding: bytes, shape: tuple[int, ...], where: str,
+                  out: np.ndarray | None = None) -> np.ndarray:
+  """The frame, decoded into `out` (and `out` returned) when it has the frame's shape."""
   if encoding == b"raw":
     if len(image) != int(np.prod(shape)):
       raise errors.SchemaError(f"{where}: raw frame of {len(image)} bytes does not fit {shape}")
-    return np.frombuffer(image, np.uint8).reshape(shape)
+    frame = np.frombuffer(image, np.uint8).reshape(shape)
+    if out is None or out.shape != tuple(shape):
+      return frame
+    out[...] = frame
+    return out
   if encoding != b"jpeg":
     raise errors.SchemaError(f"{where}: video/encoding {encoding!r} is not one of "
                              f"{VIDEO_ENCODINGS}")
   try:
+    if (out is not None and out.shape == tuple(shape)
+        and (*simplejpeg.decode_jpeg_header(image)[:2], 3) == out.shape):
+      simplejpeg.decode_jpeg(image, colorspace="RGB", buffer=out)
+      return out
     frame = simplejpeg.decode_jpeg(image, colorspace="RGB")
   except ValueError as e:
     raise errors.CorruptRecordError(f"{where}: a JPEG frame does not decode ({e})") from e

@@ -69,14 +69,18 @@ def table(title: str, header: list[str], rows: list[list[Any]]) -> None:
                            for i, (c, w) in enumerate(zip(row, widths))))
 
 
-def timed(fn: Callable[..., Any], *args: Any) -> float:
-  start = time.perf_counter()
+def timed(fn: Callable[..., Any], *args: Any, clock: Callable[[], float] = time.perf_counter
+          ) -> float:
+  start = clock()
   fn(*args)
-  return time.perf_counter() - start
+  return clock() - start
 
 
-def median_us(fn: Callable[[Any], Any], items: Iterable[Any]) -> float:
-  return 1e6 * statistics.median(timed(fn, item) for item in items)
+def median_us(fn: Callable[[Any], Any], items: Iterable[Any],
+              clock: Callable[[], float] = time.perf_counter) -> float:
+  """Median microseconds of fn(item) (`clock`: time.process_time for this process's CPU time,
+  which other jobs on a loaded machine do not inflate by preempting it)."""
+  return 1e6 * statistics.median(timed(fn, item, clock=clock) for item in items)
 
 
 def usage() -> tuple[float, float, float]:
@@ -139,7 +143,7 @@ def generate(root: str) -> dict[str, str]:
 def per_record(dirs: dict[str, str]) -> float:
   """Median us per record of each stage in one process, the audio finished on the host
   (data.audio_on_device=False, the path before) and on the device (the default); returns
-  base's host total (read + prepare + stack) with the audio on the device."""
+  base's BatchSource us per example with the audio on the device."""
   ops: dict[str, dict[str, float]] = {}
   for size, data_dir in dirs.items():
     source = TFRecordSource(train_shards(data_dir))
@@ -164,6 +168,7 @@ def per_record(dirs: dict[str, str]) -> float:
       examples = [pipeline.prepare_example(r, rng, spec) for r in records[:batch_size]]
       stack = lambda b: {k: np.stack([e[k] for e in b]) for k in b[0]}
       batch, share = stack(examples), 1 / len(examples)
+      batch_source = pipeline.BatchSource(source, spec, 0, batch_size)
       col = {
           "read + CRC check (source[i])": median_us(source.__getitem__, indices),
           "  protobuf parse only": median_us(schema.Example.FromString,
@@ -180,17 +185,22 @@ def per_record(dirs: dict[str, str]) -> float:
               lambda r: pipeline.prepare_example(r, rng, spec), records),
           "  ... + rrc, flip, noise, SpecAugment (host)": median_us(
               lambda r: pipeline.prepare_example(r, rng, heavy), records),
-          "batch stack, share per example": share * median_us(stack, [examples] * 5),
+          "stack of prepared examples, share (before)": share * median_us(
+              stack, [examples] * 5),
           "pickle round trip (worker -> main)": share * median_us(
               lambda b: pickle.loads(pickle.dumps(b, pickle.HIGHEST_PROTOCOL)), [batch] * 5),
           "device: finish the audio, share": share * device_finish_us(batch, spec),
       }
-      col["host total: read + prepare + stack"] = sum(col[k] for k in (
+      col["sum: read + prepare_example + stack"] = sum(col[k] for k in (
           "read + CRC check (source[i])", "prepare_example, default train aug",
-          "batch stack, share per example"))
-      col["  examples/s per host core"] = 1e6 / col["host total: read + prepare + stack"]
+          "stack of prepared examples, share (before)"))
+      total = "BatchSource[j] (rows written in place), CPU us, share"
+      batch_source[0]  # the epoch's permutation, the shards opened
+      col[total] = median_us(batch_source.__getitem__, range(1, 4 if FLAGS.quick else 9),
+                             clock=time.process_time) / batch_size
+      col["  examples/s per host core"] = 1e6 / col[total]
       col["  ... with the device finish on this CPU"] = 1e6 / (
-          col["host total: read + prepare + stack"] + col["device: finish the audio, share"])
+          col[total] + col["device: finish the audio, share"])
       col["batch kB per example (not us)"] = share * sum(b.nbytes for b in batch.values()) / 1e3
       for name, value in col.items():
         ops.setdefault(name, {})[f"{size} {where}"] = value
@@ -200,7 +210,7 @@ def per_record(dirs: dict[str, str]) -> float:
         "path before) or on the device (float16 and\n   a roll shift shipped; finished in one "
         f"jitted call per batch on {jax.devices()[0].platform}, here sharing this machine's CPU)",
         ["stage", *columns], [[k, *(v[c] for c in columns)] for k, v in ops.items()])
-  return ops["host total: read + prepare + stack"]["base device"]
+  return ops["BatchSource[j] (rows written in place), CPU us, share"]["base device"]
 
 
 def device_finish_us(batch: dict[str, np.ndarray], spec: pipeline.ExampleSpec) -> float:
@@ -311,8 +321,8 @@ def consumption(serial_us: float, e2e_rate: float, e2e_per_cpu_s: float) -> None
   print(f"\n   cores = examples/s consumed / examples/s one host core prepares; per core:\n"
         f"   e2e /cores: {per_core['e2e /cores']:.0f} (best base Batches row above, / {cores} "
         f"cores)\n   e2e /CPU s: {per_core['e2e /CPU s']:.0f} (that row, per CPU second our "
-        f"processes used)\n   serial: {per_core['serial']:.0f} (1e6 / {serial_us:.0f} us of read"
-        " + prepare_example + stack, the audio on the device; no grain, no IPC)\n   Assumed: "
+        f"processes used)\n   serial: {per_core['serial']:.0f} (1e6 / {serial_us:.0f} us per "
+        "example of BatchSource[j], the audio on the device; no grain, no IPC)\n   Assumed: "
         "one 224 px frame and the "
         "default train augmentation (time roll) per example, records\n   in the page cache, and "
         "host cores as fast as this machine's.")
