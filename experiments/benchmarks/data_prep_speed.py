@@ -4,14 +4,18 @@
 
 Writes N 10 s 640x360 25 fps h264 videos with AAC stereo 44.1 kHz audio (data_prep/media_factory,
 with moving gradients and noise so that h264 has real work), then times each stage of a clip
-at CAV-MAE settings (16 kHz mono, 128 mel bins, 10 frames at 224 px, JPEG quality 90),
-`data_prep.build.build` with 0, 1 and 2 workers, and the log-mel front ends. Media and shards
-are in the page cache (just written): disk, network and download are not counted.
+at CAV-MAE settings (16 kHz mono, 128 mel bins, 10 frames at 224 px, JPEG quality 90) side by
+side with an ffmpeg-style extraction of the same frames and audio written with PyAV
+(`reference_clip`: what `ffmpeg -ss T -frames:v 1` and `ffmpeg -ac 1 -ar 16000` do), clips
+interleaved, then `data_prep.build.build` with 0, 1 and 2 workers, and the log-mel front ends.
+Media and shards are in the page cache (just written): disk, network and download are not
+counted.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fractions
 import io
 import os
 import resource
@@ -19,6 +23,7 @@ import shutil
 import tempfile
 import time
 from typing import Any, Callable
+from unittest import mock
 
 # Single-threaded BLAS/OpenMP before NumPy loads: every number here is per core.
 for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
@@ -28,7 +33,7 @@ import numpy as np  # noqa: E402
 import simplejpeg  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from avmae.data import features, schema, writer  # noqa: E402
+from avmae.data import features, writer  # noqa: E402
 from data_prep import build, manifests, media, media_factory  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -100,63 +105,157 @@ def generate(root: str, count: int, seconds: float) -> list[manifests.ClipSpec]:
           for i, p in enumerate(paths)]
 
 
-def full_frames(path: str, count: int) -> list[av.VideoFrame]:
-  """Decodes every video frame (no conversion); keeps `count` spread over the file."""
+class Clock:
+  """CPU seconds (all threads) spent in named stages, summed over calls."""
+
+  def __init__(self):
+    self.seconds: dict[str, float] = {}
+
+  @contextlib.contextmanager
+  def __call__(self, name: str):
+    cpu = time.process_time()
+    try:
+      yield
+    finally:
+      self.seconds[name] = self.seconds.get(name, 0.0) + time.process_time() - cpu
+
+  def patch(self, owner: Any, attr: str, name: str) -> Any:
+    """A patch that times every call of owner.attr (a method or function) as `name`."""
+    fn = getattr(owner, attr)
+
+    def timed_fn(*args, **kwargs):
+      with self(name):
+        return fn(*args, **kwargs)
+    return mock.patch.object(owner, attr, timed_fn)
+
+
+def reference_clip(path: str, clock: Clock) -> tuple[list[bytes], np.ndarray]:
+  """ffmpeg-style extraction of what data_prep takes, with PyAV: the frame on screen at each
+  target time (`ffmpeg -ss T -i clip -frames:v 1 -vf scale=-2:224,crop=224:224 -q:v 2 f.jpg`,
+  but in one sequential pass that stops after the last target, as `-vf select` with
+  `-frames:v 10` does: a seek per frame would decode from the file's single keyframe each
+  time), and the audio as `ffmpeg -i clip -ac 1 -ar 16000 -f f32le`. Returns the JPEGs
+  and the 16 kHz mono waveform."""
+  n, size = OPTIONS.num_frames, OPTIONS.frame_size
   with av.open(path) as container:
-    stream = container.streams.video[0]
-    step = max(1, (stream.frames or count) // count)
-    return [f for k, f in enumerate(container.decode(stream)) if k % step == step // 2][:count]
+    video, audio = container.streams.video[0], container.streams.audio[0]
+    targets = (np.arange(n) + 0.5) * container.duration / av.time_base / n
+    resampler = av.AudioResampler(format="flt", layout="mono", rate=OPTIONS.sample_rate)
+    chosen, prev, resampled = [], None, []
+    for packet in container.demux(video, audio):
+      if packet.stream.type == "audio":
+        with clock("audio decode + resample"):
+          resampled += [r for f in packet.decode() for r in resampler.resample(f)]
+      elif len(chosen) < n:
+        with clock("video decode"):
+          frames = packet.decode()
+        for f in frames:
+          while len(chosen) < n and targets[len(chosen)] < f.time:
+            chosen.append(prev or f)
+          prev = f
+    with clock("audio decode + resample"):
+      resampled += resampler.resample(None)
+      waveform = np.concatenate([f.to_ndarray()[0] for f in resampled])
+    chosen += [prev] * (n - len(chosen))
+    with clock("frame conversion + resize"):  # swscale, as ffmpeg's scale filter
+      h, w = chosen[0].height, chosen[0].width
+      width, height = (round(w * size / h), size) if w >= h else (size, round(h * size / w))
+      left, top = (width - size) // 2, (height - size) // 2
+      images = [f.reformat(width, height, "rgb24", interpolation="BILINEAR").to_ndarray()
+                [top:top + size, left:left + size] for f in chosen]
+    with clock("JPEG encode"):  # ffmpeg's mjpeg; from rgb24 it picks 4:4:4, as simplejpeg
+      encoder = av.CodecContext.create("mjpeg", "w")
+      encoder.width = encoder.height = size
+      encoder.pix_fmt, encoder.time_base = "yuvj444p", fractions.Fraction(1, 25)
+      encoder.qmin = encoder.qmax = 2  # -q:v 2: about simplejpeg's quality 90
+      jpegs = [bytes(p) for image in images for p in encoder.encode(av.VideoFrame.from_ndarray(
+          np.ascontiguousarray(image), "rgb24").reformat(format="yuvj444p"))]
+  return jpegs, waveform
+
+
+def instrumented(clock: Clock) -> contextlib.ExitStack:
+  """Times data_prep's decode by stage, through the methods media.decode_clip calls."""
+  stack = contextlib.ExitStack()
+  for owner, attr, name in (
+      (media._VideoSink, "take", "video decode"),
+      (media._VideoSink, "images", "frame conversion + resize"),
+      (media, "resize_and_crop", "resize"),
+      (media._AudioSink, "take", "audio decode + resample"),
+      (media._AudioSink, "finish", "audio decode + resample")):
+    stack.enter_context(clock.patch(owner, attr, name))
+  return stack
 
 
 def stages(clips: list[manifests.ClipSpec], shard_dir: str) -> float:
-  """Per-clip stage table; returns the median CPU ms of a clip's work in run_shard."""
+  """Per-clip stages of data_prep and of the ffmpeg-style reference, clips interleaved;
+  returns data_prep's CPU ms a clip (what run_shard does)."""
   shard = writer.ShardWriter(shard_dir, "stages.tfrecord", "jpeg", OPTIONS.jpeg_quality)
-  times: dict[str, list[tuple[float, float]]] = {}
-  wall, cpu, machine = time.perf_counter(), time.process_time(), machine_cpu()
-  for clip in clips:
-    def run(name: str, fn: Callable[[], Any]) -> Any:
-      *t, out = timed(fn)
-      times.setdefault(name, []).append(t)
-      return out
-    decoded = run("decode", lambda: media.decode_clip(clip.path, None, None,
-                                                      OPTIONS.decode_options()))
-    full = run("h264", lambda: full_frames(clip.path, OPTIONS.num_frames))
-    rgb = run("rgb", lambda: [f.to_ndarray(format="rgb24") for f in full])
-    run("resize", lambda: [media.resize_and_crop(a, OPTIONS.frame_size) for a in rgb])
-    log_mel = run("fbank", lambda: features.log_mel(decoded.waveform, OPTIONS.sample_rate,
-                                                    OPTIONS.mel_bins, kind="kaldi"))
-    fields = dict(clip_id=clip.clip_id, source=clip.path, labels=list(clip.labels),
+  ours, ref = Clock(), Clock()
+
+  def data_prep(clip: manifests.ClipSpec) -> None:
+    with instrumented(ours), ours("all"):
+      decoded = media.decode_clip(clip.path, None, None, OPTIONS.decode_options())
+      with ours("log-mel"):
+        log_mel = features.log_mel(decoded.waveform, OPTIONS.sample_rate, OPTIONS.mel_bins,
+                                   kind=OPTIONS.log_mel)
+      with ours("record"):  # float16 + stats, encode_example (JPEG, protobuf), CRC + write
+        shard.add(clip_id=clip.clip_id, source=clip.path, labels=list(clip.labels),
                   log_mel=log_mel, frames=decoded.frames, timestamps=decoded.timestamps)
-    run("jpeg", lambda: [simplejpeg.encode_jpeg(f, OPTIONS.jpeg_quality, "RGB")
-                         for f in decoded.frames])
-    run("encode", lambda: schema.encode_example(
-        **(fields | {"log_mel": log_mel.astype(np.float16)}), jpeg_quality=OPTIONS.jpeg_quality))
-    run("add", lambda: shard.add(**fields))
+    with ours("JPEG encode"):  # add's JPEG share, timed on its own
+      for f in decoded.frames:
+        simplejpeg.encode_jpeg(f, OPTIONS.jpeg_quality, "RGB")
+
+  def reference(clip: manifests.ClipSpec) -> None:
+    with ref("all"):
+      _, waveform = reference_clip(clip.path, ref)
+      with ref("log-mel"):  # the same front end: FFmpeg has none
+        features.log_mel(waveform, OPTIONS.sample_rate, OPTIONS.mel_bins, kind=OPTIONS.log_mel)
+
+  runs = [data_prep, reference]
+  for fn in runs:  # warm-up: lazy imports, first-call setup
+    fn(clips[0])
+  ours.seconds.clear()
+  ref.seconds.clear()
+  wall, cpu, machine = time.perf_counter(), time.process_time(), machine_cpu()
+  for k, clip in enumerate(clips):
+    for fn in runs[::-1] if k % 2 else runs:  # interleaved: each goes first every other clip
+      fn(clip)
   shard.close()
   wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
   other = (machine_cpu() - machine - cpu) / wall
-  ms = {k: np.median(1e3 * np.array(v), axis=0) for k, v in times.items()}  # [wall, CPU]
-  total = ms["decode"] + ms["fbank"] + ms["add"]
-  rows = [
-      ["decode (media.decode_clip)", ms["decode"],
-       "demux, h264 + AAC decode, resample to 16 kHz mono, 10 x (rgb24 + resize_and_crop)"],
-      ["  of which h264 decode, all frames", ms["h264"], "own pass: container.decode(video)"],
-      ["  of which rgb24 conversion, 10 fr", ms["rgb"], "VideoFrame.to_ndarray, 640x360"],
-      ["  of which resize_and_crop, 10 fr", ms["resize"], "PIL bilinear, 360x360 box -> 224"],
-      ["  rest: demux, AAC, resample", ms["decode"] - ms["h264"] - ms["rgb"] - ms["resize"],
-       "decode minus the three above"],
-      ["fbank (log_mel kind=kaldi, NumPy)", ms["fbank"], "[frames, 128] of the clip's audio"],
-      ["write (ShardWriter.add)", ms["add"], "float16 + stats, encode_example, CRC + write"],
-      ["  of which encode_example", ms["encode"], "10 JPEG encodes + protobuf serialisation"],
-      ["  of which JPEG encode, 10 fr", ms["jpeg"], "simplejpeg, 224 px, quality 90"],
-      ["  rest: protobuf, stats, record", ms["add"] - ms["jpeg"], "add minus JPEG"],
-      ["total (decode + fbank + write)", total, "what run_shard does per clip"]]
-  table(f"1. Per-clip stages, median ms over {len(clips)} clips, one process; CPU: all its "
-        f"threads; other processes kept {other:.2f} cores busy meanwhile",
-        ["stage", "wall ms", "CPU ms", "% of CPU", "includes"],
-        [[name, *v, 100 * v[1] / total[1], note] for name, v, note in rows])
-  print(f"   serial: {1e3 / total[0]:.2f} clips/s wall, {1e3 / total[1]:.2f} clips per CPU s")
-  return total[1]
+  ms = {side: {k: 1e3 * v / len(clips) for k, v in clock.seconds.items()}
+        for side, clock in (("ours", ours), ("ref", ref))}
+  o, r = ms["ours"], ms["ref"]
+  o["record"] -= o["JPEG encode"]  # the rest: float16 + stats, protobuf, CRC + write
+  for side in (o, r):
+    side["demux, rest"] = side.pop("all") - sum(side.get(k, 0.0) for k in STAGES[1:])
+  r["record"] = o["record"]  # the same serialisation: FFmpeg has none
+  o["all"], r["all"] = (sum(side[k] for k in STAGES) for side in (o, r))
+  rows = [[name, o[name], r[name], o[name] / r[name] if r[name] else float("nan"),
+           NOTES[name]] for name in STAGES]
+  rows.insert(3, ["  of which resize", o["resize"], float("nan"), float("nan"),
+                  "PIL, antialiased bilinear (bit for bit as before)"])
+  rows.append(["total", o["all"], r["all"], o["all"] / r["all"], "CPU ms a clip"])
+  table(f"1. Per-clip stages, CPU ms (all threads) a clip, mean of {len(clips)} clips, data_prep "
+        "and the ffmpeg-style PyAV reference interleaved;\n   other processes kept "
+        f"{other:.2f} cores busy meanwhile", ["stage", "data_prep", "reference",
+                                               "data_prep / ref", "what"], rows)
+  print(f"   clips/s per core: data_prep {1e3 / o['all']:.2f}, ffmpeg-style reference "
+        f"{1e3 / r['all']:.2f}: data_prep at {r['all'] / o['all']:.2f}x the reference's rate")
+  return o["all"]
+
+
+STAGES = ("demux, rest", "video decode", "frame conversion + resize", "JPEG encode",
+          "audio decode + resample", "log-mel", "record")
+NOTES = {
+    "demux, rest": "demux, Python per packet, selection",
+    "video decode": "h264 up to the last target (data_prep: + chosen-frame bookkeeping)",
+    "frame conversion + resize": "10 frames: rgb24 + PIL / swscale bilinear to 224x224",
+    "JPEG encode": "10 x 224 px: simplejpeg q90 / FFmpeg mjpeg -q:v 2",
+    "audio decode + resample": "AAC -> 16 kHz mono (fltp + mix / swresample -ac 1)",
+    "log-mel": f"{OPTIONS.log_mel} fbank, 128 bins (same code)",
+    "record": "float16 + stats, protobuf, CRC + write (same code)",
+}
 
 
 def end_to_end(clips: list[manifests.ClipSpec], root: str) -> tuple[float, float]:
