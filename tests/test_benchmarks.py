@@ -104,6 +104,15 @@ def test_a_close_hint_takes_two_compiles(pod_fit):
   assert (found["batch"], compiled) == (4000, [4000, 4400])
 
 
+def test_a_resumed_search_goes_on_past_a_hint_it_compiled_before(pod_fit):
+  # Killed after compiling the hint of 4,000: resumed with that row known, the search
+  # compiles 10 % above it, as the uninterrupted search does, instead of stopping at 4,000.
+  compiled, compile_row, first = _affine_hbm_compiler()
+  known = [compile_row(4000)]
+  found = pod_fit.largest_batch(first, compile_row, known, start=4000)
+  assert (found["batch"], compiled) == (4000, [4000, 4400])
+
+
 def test_the_search_starts_from_answers_already_found(pod_fit):
   done = {("base", "v5e-256", 1, "full", True): {"batch": 3000},
           ("base", "v5e-256", 2, "none", True): {"batch": 5000}}
