@@ -28,7 +28,7 @@ def save(data_dir: str, info: dict[str, Any]) -> None:
 
 def load(data_dir: str) -> dict[str, Any]:
   """Reads and validates dataset_info.json of `data_dir`."""
-  if "://" in data_dir:
+  if "://" in str(data_dir):  # a str or a pathlib.Path
     raise errors.SchemaError(
         f"data.dir={data_dir!r}: a dataset on a bucket is read through a local mount. Mount "
         "it with gcsfuse (`python experiments/launch/tpu_vm.py install --gcsfuse_bucket="
