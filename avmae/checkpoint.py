@@ -187,16 +187,8 @@ def load_params(path: str, target: Any, stacks: Mapping[str, int],
   `target`'s shardings; every key must match. Either layer layout loads (a step dir's config
   says which it holds, an .npz's keys)."""
   from avmae.export import files  # torch is imported only for a state_dict
-  if path.endswith(".npz"):
-    with storage.path(path).open("rb") as f:
-      flat = dict(np.load(f))
-    saved = any(k.split("/")[0] in stacks for k in flat)
-    load = lambda t: _npz_params(path, flat, t)
-  elif path.endswith(files.SUFFIXES):
-    if import_state_dict is None:
-      raise ValueError(f"init_checkpoint {path}: this method has no PyTorch layout to import")
-    params = import_state_dict(files.load(path))
-    flat = {"/".join(k): v for k, v in traverse_util.flatten_dict(params).items()}
+  if path.endswith((".npz", *files.SUFFIXES)):  # "a/b/c"-keyed arrays, either layout
+    flat = _flat_arrays(path, import_state_dict)
     saved = any(k.split("/")[0] in stacks for k in flat)
     load = lambda t: _npz_params(path, flat, t)
   else:
@@ -208,6 +200,19 @@ def load_params(path: str, target: Any, stacks: Mapping[str, int],
     saved = saved_scan_layers(path)
     load = lambda t: _state_params(path, state_dir, t)
   return _load_converted(path, load, target, stacks, saved, is_scanned(target, stacks))
+
+
+def _flat_arrays(path: str, import_state_dict: Callable[[Mapping[str, np.ndarray]], Any] | None
+                 ) -> dict[str, np.ndarray]:
+  """An .npz's arrays, or a PyTorch state_dict mapped by `import_state_dict`, "a/b/c"-keyed."""
+  from avmae.export import files
+  if path.endswith(".npz"):
+    with storage.path(path).open("rb") as f:
+      return dict(np.load(f))
+  if import_state_dict is None:
+    raise ValueError(f"init_checkpoint {path}: this method has no PyTorch layout to import")
+  params = import_state_dict(files.load(path))
+  return {"/".join(k): v for k, v in traverse_util.flatten_dict(params).items()}
 
 
 def _npz_params(path: str, flat: dict[str, np.ndarray], target: Any) -> Any:

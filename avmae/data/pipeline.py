@@ -358,14 +358,9 @@ class BatchSource:
     for i, r in enumerate(self.rows):
       row = {k: out[k][i] for k in ("audio", "frames") if k in out}  # views
       for k, v in self._example(start + r, row).items():
-        if not (k in row and _same_view(v, row[k])):  # not written in place already
+        if not (k in row and np.may_share_memory(v, row[k])):  # not written in place already
           out[k][i] = v
     return out
-
-
-def _same_view(a: np.ndarray, b: np.ndarray) -> bool:
-  return (a.shape == b.shape and a.strides == b.strides
-          and a.__array_interface__["data"][0] == b.__array_interface__["data"][0])
 
 
 def first_examples(cfg: ml_collections.ConfigDict, split: str, count: int
