@@ -16,6 +16,7 @@ from avmae.data import augment
 from avmae.export import cav_mae_layout, files, to_torch
 from avmae.import_torch import import_checkpoint
 from avmae.methods import METHODS
+from avmae.models import stacks
 from configs import cav_mae
 from configs import probe as probe_config
 from test_train import _abstract_state, _metrics, tiny
@@ -92,6 +93,46 @@ def test_scanned_model_equals_unrolled_on_the_same_weights():
   _close(got_states, states, rtol=1e-5, atol=1e-6)
   _close(_apply(scanned, stacked, "features"), _apply(unrolled, params, "features"),
          rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_fence_is_the_identity_and_xla_keeps_it_only_on_a_cpu():
+  rng = np.random.default_rng(0)
+  x, g = (jnp.asarray(rng.standard_normal((2, 3, 4)), jnp.float32) for _ in range(2))
+  backward = jax.jit(lambda x, g: jax.vjp(stacks.gradient_fence, x)[1](g)[0])
+  _equal(stacks.gradient_fence(x), x)
+  _equal(backward(x, g), g)
+  with_nan = g.at[0, 0, 0].set(jnp.nan).at[1, 2, 3].set(-jnp.inf)  # four trips, not two
+  _equal(backward(x, with_nan), with_nan)
+  assert " while(" in backward.lower(x, g).compile().as_text()
+  tpu = backward.trace(x, g).lower(lowering_platforms=("tpu",)).as_text()
+  assert "while" not in tpu and "negate" not in tpu  # the identity there
+
+
+def _fused_computation_sizes(hlo):
+  blocks = [c.strip().splitlines() for c in hlo.split("\n\n") if c.strip()]
+  return sorted(len(c) for c in blocks if "fused_computation" in c[0])
+
+
+def test_fenced_unrolled_blocks_keep_xla_cpu_from_fusing_across_blocks(monkeypatch):
+  """Eight blocks a stack: unfenced, XLA:CPU fuses each block's transposed gradient copy
+  with every later block's LayerNorm backward (fusions grow with depth); fenced, the
+  gradients are the same and no fusion spans blocks."""
+  method = _method(False, **{"model.decoder_depth": 8, "model.modality_specific_depth": 8})
+  params = _unrolled_params(method)
+  batch, keys = _inputs(method)
+
+  def compiled():
+    return jax.jit(jax.value_and_grad(lambda p: method.loss_fn(p, batch, keys)[0])).lower(
+        params).compile()
+
+  fenced = compiled()
+  monkeypatch.setattr(stacks, "gradient_fence", lambda x: x)
+  unfenced = compiled()
+  _close(fenced(params), unfenced(params), rtol=1e-5, atol=1e-6)
+  sizes = {name: _fused_computation_sizes(c.as_text())
+           for name, c in (("fenced", fenced), ("unfenced", unfenced))}
+  assert sizes["fenced"][-1] < sizes["unfenced"][-1] / 2, {k: v[-3:] for k, v in sizes.items()}
+  assert sum(sizes["fenced"]) < 0.6 * sum(sizes["unfenced"])
 
 
 def test_scanned_bfloat16_compute_keeps_the_carry_dtype_and_tracks_float32():

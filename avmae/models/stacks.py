@@ -9,6 +9,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from avmae.models.vit import Block
 
@@ -57,13 +58,44 @@ def make_stack(name: str, depth: int, block: dict[str, Any], remat: str, scan_la
   return scanned(**block, name=name)
 
 
+def _written_out(g: jax.Array) -> jax.Array:
+  """g itself, produced by an XLA while loop whose trip count XLA cannot know (two
+  negations, or four when g's first element is NaN), so XLA must write g out whole."""
+  trips = 2 * (1 + jnp.isnan(g[(0,) * g.ndim]).astype(jnp.int32))
+  return jax.lax.fori_loop(0, trips, lambda _, h: -h, g)
+
+
+@jax.custom_vjp
+def gradient_fence(x: jax.Array) -> jax.Array:
+  """The identity, whose gradient a CPU step writes out whole (elsewhere: the identity).
+
+  Between unrolled blocks, XLA:CPU fuses each block's transposed residual-gradient copy
+  (for its weight-gradient dots) with the LayerNorm backward of every later block,
+  recomputing the chain once per block: quadratic in depth (CAV-MAE base, batch 4: 519 ops
+  in the first decoder block's copy, 53 GB accessed a step). An optimization_barrier does
+  not stop it (XLA:CPU removes barriers before fusing); a loop XLA cannot unroll does, as
+  the carry of a scan over the blocks does. docs/speed.md has the figures."""
+  return x
+
+
+def _fence_fwd(x: jax.Array) -> tuple[jax.Array, None]:
+  return x, None
+
+
+def _fence_bwd(_, g: jax.Array) -> tuple[jax.Array]:
+  return (jax.lax.platform_dependent(g, cpu=_written_out, default=lambda h: h),)
+
+
+gradient_fence.defvjp(_fence_fwd, _fence_bwd)
+
+
 def run_stack(stack: Stack, x: jax.Array, emit: bool = False
               ) -> tuple[jax.Array, list[jax.Array]]:
   """(output, every layer's output if emit else []) of a stack made by `make_stack`."""
   if not isinstance(stack, nn.Module):
     layers = []
-    for block in stack:
-      x = block(x, None)
+    for i, block in enumerate(stack):
+      x = block(gradient_fence(x) if i else x, None)
       layers.append(x)
     return x, layers if emit else []
   x, ys = stack(x, emit)
