@@ -6,6 +6,7 @@ import re
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -49,18 +50,61 @@ def decay_mask(params: Any, no_decay: tuple[str, ...]) -> Any:
   return jax.tree_util.tree_map_with_path(keep, params)
 
 
+def scale_by_adam_gated(b1: float, b2: float, eps: float
+                        ) -> optax.GradientTransformationExtraArgs:
+  """optax.scale_by_adam, built from the same optax helpers (so the same numbers), whose count
+  and moments stay as they were when the step's `finite` (an extra argument, default True)
+  is False.
+
+  Why not select between the new and the old optimizer state after the update: XLA then fuses
+  each moment's update into both the select and the parameter update, and copies every moment
+  so that the old one stays readable while the new one is written in place. CAV-MAE base on
+  the CPU: 1.2 s of optimizer work per step that way, 0.23 s this way (docs/speed.md)."""
+  base = optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
+
+  def update(updates, state, params=None, *, finite=True, **extra_args):
+    del params, extra_args
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    mu = keep(optax.tree.update_moment(updates, state.mu, b1, 1), state.mu)
+    nu = keep(optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2), state.nu)
+    count_inc = optax.safe_increment(state.count)
+    mu_hat = optax.tree.bias_correction(mu, b1, count_inc)
+    nu_hat = optax.tree.bias_correction(nu, b2, count_inc)
+    updates = jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + eps), mu_hat, nu_hat)
+    count = jnp.where(finite, count_inc, state.count)
+    return updates, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
+
+  return optax.GradientTransformationExtraArgs(base.init, update)
+
+
+def keep_state_unless_finite(inner: optax.GradientTransformation
+                             ) -> optax.GradientTransformationExtraArgs:
+  """`inner` whose state (a count at most: the schedule's) stays as it was when the step's
+  `finite` is False."""
+  def update(updates, state, params=None, *, finite=True, **extra_args):
+    del extra_args
+    updates, new_state = inner.update(updates, state, params)
+    return updates, jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, state)
+
+  return optax.GradientTransformationExtraArgs(inner.init, update)
+
+
 def make_optimizer(cfg: ml_collections.ConfigDict, schedule: optax.Schedule
-                   ) -> optax.GradientTransformation:
+                   ) -> optax.GradientTransformationExtraArgs:
   """Adam with torch-style L2 decay (added to the gradient, as torch.optim.Adam) or AdamW
-  (decoupled), optional global-norm clipping first."""
+  (decoupled), optional global-norm clipping first. `update(grads, state, params,
+  finite=...)`: a step whose `finite` is False leaves the whole state as it was (the train
+  step then keeps the parameters too)."""
   mask = lambda params: decay_mask(params, tuple(cfg.no_decay))
-  decay = optax.add_decayed_weights(cfg.weight_decay, mask)
-  adam = optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
+  decay = keep_state_unless_finite(optax.add_decayed_weights(cfg.weight_decay, mask))
+  adam = scale_by_adam_gated(cfg.b1, cfg.b2, cfg.eps)
   chains = {
       "adam": lambda: [decay, adam],
       "adamw": lambda: [adam, decay],
   }
   if cfg.name not in chains:
     raise ValueError(f"config.optimizer.name={cfg.name!r}; one of {sorted(chains)}")
-  clip = [optax.clip_by_global_norm(cfg.grad_clip_norm)] if cfg.grad_clip_norm > 0 else []
-  return optax.chain(*clip, *chains[cfg.name](), optax.scale_by_learning_rate(schedule))
+  clip = ([keep_state_unless_finite(optax.clip_by_global_norm(cfg.grad_clip_norm))]
+          if cfg.grad_clip_norm > 0 else [])
+  return optax.chain(*clip, *chains[cfg.name](),
+                     keep_state_unless_finite(optax.scale_by_learning_rate(schedule)))

@@ -127,18 +127,21 @@ def make_train_step(method, optimizer: optax.GradientTransformation, schedule, s
     keys = masking.example_keys(key, jax.tree.leaves(batch)[0].shape[0])
     (_, metrics), grads = loss_and_grads(method.loss_fn, state["params"], batch, keys,
                                          accumulation_steps, batch_shards)
-    updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-    grad_norm, update_norm = optax.tree.norm(grads), optax.tree.norm(updates)
-    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
+    grad_norm, learning_rate = optax.tree.norm(grads), schedule(state["step"])
     # A non-finite step changes nothing and is recorded; the host stops at the next check.
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    params = keep(optax.apply_updates(state["params"], updates), state["params"])
+    # Decided before the update (finite gradients, learning rate and parameters give a finite
+    # Adam update), so that the optimizer keeps its own state: optim.scale_by_adam_gated.
+    finite = (jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+              & jnp.isfinite(learning_rate))
+    updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"],
+                                          finite=finite)
+    params = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                          optax.apply_updates(state["params"], updates), state["params"])
     nonfinite_step = jnp.where((state["nonfinite_step"] < 0) & ~finite, state["step"] + 1,
                                state["nonfinite_step"])
-    new_state = {"step": state["step"] + 1, "params": params,
-                 "opt_state": keep(opt_state, state["opt_state"]),
+    new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
                  "nonfinite_step": nonfinite_step}
-    metrics = {**metrics, "grad_norm": grad_norm, "learning_rate": schedule(state["step"])}
+    metrics = {**metrics, "grad_norm": grad_norm, "learning_rate": learning_rate}
     return new_state, metrics
 
   return train_step

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 import torch
 
@@ -214,3 +215,35 @@ def test_the_no_decay_mask_covers_what_the_recipe_exempts(module, size):
     kinds.add(_kind(name, x.shape))
     assert decayed == (_kind(name, x.shape) in DECAYED[module, size]), name
   assert kinds >= {"kernel", "vector"}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_a_step_that_is_not_finite_leaves_the_state_as_it_was(name):
+  """update(..., finite=False) returns the state it was given, counts and moments alike (the
+  train step keeps the parameters): the next finite steps then equal those of a run that never
+  saw the skipped one, and finite=True equals optax's own Adam chain."""
+  cfg = _optimizer_config(name=name, grad_clip_norm=1.5)
+  params = _params(np.random.default_rng(0), np.float32)
+  grads = _grads(params, 3)
+  tx = optim.make_optimizer(cfg, optim.learning_rate_schedule(cfg, 3, 2))
+  update = jax.jit(tx.update)
+  state = tx.init(params)
+  _, state = update(grads[0], state, params, finite=True)
+  bad = jax.tree.map(lambda g: jnp.asarray(g).at[(0,) * g.ndim].set(np.nan), grads[1])
+  _, kept = update(bad, state, params, finite=False)
+  for before, after in zip(jax.tree.leaves(state), jax.tree.leaves(kept)):
+    np.testing.assert_array_equal(np.asarray(after), np.asarray(before))
+  skipped, _ = update(grads[2], kept, params, finite=True)
+  direct, _ = update(grads[2], state, params)  # `finite` defaults to True
+  reference = optax.chain(
+      optax.clip_by_global_norm(1.5),
+      *({"adam": lambda d, a: [d, a], "adamw": lambda d, a: [a, d]}[name](
+          optax.add_decayed_weights(cfg.weight_decay, lambda p: optim.decay_mask(p, tuple(cfg.no_decay))),
+          optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps))),
+      optax.scale_by_learning_rate(optim.learning_rate_schedule(cfg, 3, 2)))
+  ref_state = reference.init(params)
+  _, ref_state = reference.update(grads[0], ref_state, params)
+  ref, _ = reference.update(grads[2], ref_state, params)
+  for a, b, c in zip(jax.tree.leaves(skipped), jax.tree.leaves(direct), jax.tree.leaves(ref)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-6, atol=1e-9)
