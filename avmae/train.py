@@ -23,8 +23,8 @@ import numpy as np
 import optax
 from ml_collections import config_flags
 
-from avmae import (checkpoint, distributed, executable, flops, masking, optim, sharding,
-                   storage)
+from avmae import (checkpoint, distributed, executable, flops, host_memory, masking, optim,
+                   sharding, storage)
 from avmae.data import dataset_info, pipeline
 from avmae.methods import METHODS
 from avmae.methods.method import raise_failed
@@ -382,11 +382,15 @@ def define_flags() -> None:
   flags.DEFINE_string("coordinator", None, "host:port of process 0, for multi-process runs.")
   flags.DEFINE_integer("num_processes", 1, "Processes in a multi-process run.")
   flags.DEFINE_integer("process_id", 0, "This process's index.")
+  flags.DEFINE_bool("keep_freed_host_memory", True, "Reuse freed host memory rather than "
+                    "fault it in again every step (avmae.host_memory).")
 
 
 def main(argv: list[str]) -> None:
   del argv
   f = flags.FLAGS
+  if f.keep_freed_host_memory:
+    host_memory.keep_freed_memory()
   distributed.initialize(f.config, auto=f.distributed, coordinator=f.coordinator,
                          num_processes=f.num_processes, process_id=f.process_id)
   try:

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from avmae import masking, sharding, train
+from avmae import host_memory, masking, sharding, train
 from avmae.data.augment import normalize_image
 from avmae.export import cav_mae_layout, torch_cav_mae
 from configs import cav_mae
@@ -57,6 +57,9 @@ _THREADS = flags.DEFINE_integer("threads", 0, "torch intra-op threads (0: os.cpu
 _MATMUL = flags.DEFINE_integer("matmul", 2048, "Side of the square matmul for the peak.")
 _SCAN = flags.DEFINE_list("scan_layers", ["False", "True"],
                           "model.scan_layers values, a row each (the torch side is the same).")
+_KEEP_MEMORY = flags.DEFINE_bool(
+    "keep_freed_host_memory", True, "avmae.host_memory for this process (both frameworks), as "
+    "avmae's trainer does.")
 _PROFILE = flags.DEFINE_bool("profile", False, "Print the top ops of both steps by time.")
 _TOP = 12
 
@@ -233,6 +236,8 @@ def compare(size: str, batch_size: int, scan_layers: bool) -> dict:
 
 def main(argv) -> None:
   del argv
+  if _KEEP_MEMORY.value:  # before JAX's and torch's threads start: both reuse freed memory
+    host_memory.keep_freed_memory()
   threads = _THREADS.value or os.cpu_count()
   torch.set_num_threads(threads)
   peak_jax, peak_torch = matmul_peaks(_MATMUL.value)
