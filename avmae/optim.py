@@ -50,6 +50,11 @@ def decay_mask(params: Any, no_decay: tuple[str, ...]) -> Any:
   return jax.tree_util.tree_map_with_path(keep, params)
 
 
+def keep_unless_finite(finite: jax.Array, new: Any, old: Any) -> Any:
+  """`new` where the step is finite, else `old`, leaf by leaf."""
+  return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+
 def scale_by_adam_gated(b1: float, b2: float, eps: float
                         ) -> optax.GradientTransformationExtraArgs:
   """optax.scale_by_adam, built from the same optax helpers (so the same numbers), whose count
@@ -64,14 +69,14 @@ def scale_by_adam_gated(b1: float, b2: float, eps: float
 
   def update(updates, state, params=None, *, finite=True, **extra_args):
     del params, extra_args
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    mu = keep(optax.tree.update_moment(updates, state.mu, b1, 1), state.mu)
-    nu = keep(optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2), state.nu)
+    mu = optax.tree.update_moment(updates, state.mu, b1, 1)
+    nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
+    mu, nu = keep_unless_finite(finite, (mu, nu), (state.mu, state.nu))
     count_inc = optax.safe_increment(state.count)
     mu_hat = optax.tree.bias_correction(mu, b1, count_inc)
     nu_hat = optax.tree.bias_correction(nu, b2, count_inc)
     updates = jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + eps), mu_hat, nu_hat)
-    count = jnp.where(finite, count_inc, state.count)
+    count = keep_unless_finite(finite, count_inc, state.count)
     return updates, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
 
   return optax.GradientTransformationExtraArgs(base.init, update)
@@ -79,12 +84,12 @@ def scale_by_adam_gated(b1: float, b2: float, eps: float
 
 def keep_state_unless_finite(inner: optax.GradientTransformation
                              ) -> optax.GradientTransformationExtraArgs:
-  """`inner` whose state (a count at most: the schedule's) stays as it was when the step's
-  `finite` is False."""
+  """`inner` whose state (the schedule's count) stays as it was when the step's `finite` is
+  False."""
   def update(updates, state, params=None, *, finite=True, **extra_args):
     del extra_args
     updates, new_state = inner.update(updates, state, params)
-    return updates, jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, state)
+    return updates, keep_unless_finite(finite, new_state, state)
 
   return optax.GradientTransformationExtraArgs(inner.init, update)
 
@@ -96,7 +101,7 @@ def make_optimizer(cfg: ml_collections.ConfigDict, schedule: optax.Schedule
   finite=...)`: a step whose `finite` is False leaves the whole state as it was (the train
   step then keeps the parameters too)."""
   mask = lambda params: decay_mask(params, tuple(cfg.no_decay))
-  decay = keep_state_unless_finite(optax.add_decayed_weights(cfg.weight_decay, mask))
+  decay = optax.add_decayed_weights(cfg.weight_decay, mask)  # stateless, as is clipping
   adam = scale_by_adam_gated(cfg.b1, cfg.b2, cfg.eps)
   chains = {
       "adam": lambda: [decay, adam],
@@ -104,7 +109,6 @@ def make_optimizer(cfg: ml_collections.ConfigDict, schedule: optax.Schedule
   }
   if cfg.name not in chains:
     raise ValueError(f"config.optimizer.name={cfg.name!r}; one of {sorted(chains)}")
-  clip = ([keep_state_unless_finite(optax.clip_by_global_norm(cfg.grad_clip_norm))]
-          if cfg.grad_clip_norm > 0 else [])
+  clip = [optax.clip_by_global_norm(cfg.grad_clip_norm)] if cfg.grad_clip_norm > 0 else []
   return optax.chain(*clip, *chains[cfg.name](),
                      keep_state_unless_finite(optax.scale_by_learning_rate(schedule)))

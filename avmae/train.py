@@ -135,8 +135,8 @@ def make_train_step(method, optimizer: optax.GradientTransformation, schedule, s
               & jnp.isfinite(learning_rate))
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"],
                                           finite=finite)
-    params = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
-                          optax.apply_updates(state["params"], updates), state["params"])
+    params = optim.keep_unless_finite(finite, optax.apply_updates(state["params"], updates),
+                                      state["params"])
     nonfinite_step = jnp.where((state["nonfinite_step"] < 0) & ~finite, state["step"] + 1,
                                state["nonfinite_step"])
     new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,

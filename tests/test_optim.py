@@ -238,7 +238,8 @@ def test_a_step_that_is_not_finite_leaves_the_state_as_it_was(name):
   reference = optax.chain(
       optax.clip_by_global_norm(1.5),
       *({"adam": lambda d, a: [d, a], "adamw": lambda d, a: [a, d]}[name](
-          optax.add_decayed_weights(cfg.weight_decay, lambda p: optim.decay_mask(p, tuple(cfg.no_decay))),
+          optax.add_decayed_weights(cfg.weight_decay,
+                                    lambda p: optim.decay_mask(p, tuple(cfg.no_decay))),
           optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps))),
       optax.scale_by_learning_rate(optim.learning_rate_schedule(cfg, 3, 2)))
   ref_state = reference.init(params)
