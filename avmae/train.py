@@ -34,7 +34,7 @@ PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "nump
 
 
 class NonFiniteError(RuntimeError):
-  """The loss, gradients or update became NaN/Inf."""
+  """The loss, the gradient norm or the learning rate became NaN/Inf."""
 
 
 # ----------------------------------------------------------------------------- validation
@@ -301,8 +301,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, cleanup: contextlib.
   def nonfinite_error(bad: int) -> NonFiniteError:
     mngr.wait_until_finished()
     return NonFiniteError(
-        f"non-finite loss, gradients or update at step {bad}: stopping. The last good "
-        f"checkpoint is step {mngr.latest_step()} in {workdir}; lower "
+        f"non-finite loss, gradient norm or learning rate at step {bad}: stopping. The last "
+        f"good checkpoint is step {mngr.latest_step()} in {workdir}; lower "
         "config.optimizer.learning_rate or enable config.optimizer.grad_clip_norm.")
 
   def save(step: int, state, data: pipeline.Position) -> None:

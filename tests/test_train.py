@@ -191,8 +191,9 @@ def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(synthetic_di
   train.train(tiny(synthetic_dir, total_steps=2, checkpoint_every_steps=2), workdir)
   config = tiny(synthetic_dir, total_steps=6, checkpoint_every_steps=2)
   config.optimizer.learning_rate = float("inf")
-  with pytest.raises(train.NonFiniteError, match=r"non-finite loss, gradients or update at step "
-                     r"3: stopping. The last good checkpoint is step 2"):
+  with pytest.raises(train.NonFiniteError,
+                     match=r"non-finite loss, gradient norm or learning rate at step 3: "
+                     r"stopping. The last good checkpoint is step 2"):
     train.train(config, workdir)
   mngr = checkpoint.manager(workdir, 3)
   assert mngr.all_steps() == [2]
