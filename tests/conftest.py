@@ -61,6 +61,13 @@ def write_dataset(out_dir, num_train: int = 37, num_eval: int = 11, num_shards: 
   return str(out_dir)
 
 
+def pytest_configure(config):
+  config.addinivalue_line(
+      "markers", "slow: a long end-to-end check whose property a quicker test also covers, or "
+      "the demo's full learning run; the README's test command leaves these out, "
+      "`python -m pytest -q tests` runs them too")
+
+
 @pytest.fixture(scope="session")
 def dataset_dir(tmp_path_factory) -> str:
   """A small dataset of 37 train clips in 3 shards and 11 eval clips. Do not modify it."""

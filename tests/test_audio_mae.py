@@ -363,6 +363,7 @@ def test_mesh_invariance_and_exact_resume(audio_data, tmp_path):
   assert _train(audio_data, split, 4, {"data": 1, "fsdp": 1, "tensor": 1}) == one  # bitwise
 
 
+@pytest.mark.slow  # exact resume is also in test_mesh_invariance_and_exact_resume
 def test_a_killed_run_resumes_exactly(audio_data, tmp_path):
   """SIGKILL mid-run, once a checkpoint is on disk and later steps ran, then the same command:
   the losses of the run that was never stopped, bit for bit."""

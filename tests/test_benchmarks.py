@@ -42,7 +42,12 @@ def test_every_benchmark_is_documented_and_has_a_quick_mode():
   assert sorted(QUICK) == scripts
 
 
-@pytest.mark.parametrize("name", sorted(QUICK))
+# The three whose quick mode compiles the most run with the slow tests (README: Tests).
+SLOW = ("scan_compile", "train_step", "vs_torch")
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow if n in SLOW else ())
+                                  for n in sorted(QUICK)])
 def test_benchmark_runs_as_documented(name, tmp_path):
   flags, expected = QUICK[name]
   command = [sys.executable, f"experiments/benchmarks/{name}.py",

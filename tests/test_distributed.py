@@ -114,6 +114,7 @@ def _compare(what, losses, reference):
   np.testing.assert_allclose(losses, reference, rtol=1e-5)
 
 
+@pytest.mark.slow  # one process's SIGTERM save is in test_train
 def test_sigterm_to_one_process_saves_the_same_step_on_every_process(synthetic_dir, reference,
                                                                      tmp_path):
   """Preemption reaches one process (SIGTERM to process 1 alone): through the coordination

@@ -60,7 +60,8 @@ def _rel(ref, got) -> float:
   return float(np.abs(ref - np.asarray(got, np.float64)).max() / np.abs(ref).max())
 
 
-@pytest.mark.parametrize("size", ["tiny", "base", "tiny_video"])
+@pytest.mark.parametrize("size", ["tiny", pytest.param("base", marks=pytest.mark.slow),
+                                  "tiny_video"])
 def test_pytorch_module_matches_jax(size):
   config, model, params = _random_params(size)
   tm = _torch_model(config, cav_mae_layout.to_official(params, model))

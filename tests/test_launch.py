@@ -244,6 +244,7 @@ def test_local_launcher_trains_with_two_processes(synthetic_dir, tmp_path):
   assert (workdir / "checkpoints" / "3").is_dir()
 
 
+@pytest.mark.slow  # launched processes train in test_local_launcher_trains_with_two_processes
 def test_slurm_script_trains_under_slurm_variables(synthetic_dir, tmp_path):
   """The sbatch script's environment and srun command, run as srun would on 2 nodes (here 2
   processes x 4 CPU devices with the variables SLURM gives each task): `--distributed` finds

@@ -15,9 +15,11 @@ from avmae.methods import METHODS
 from configs import probe as probe_config
 from data_prep import make_synthetic
 
-# (method, config size): every CPU size of every method's config module.
-CASES = [(name, size) for name in sorted(METHODS)
-         for size in importlib.import_module(f"configs.{name}").CPU_SIZES]
+# (method, config size): every CPU size of every method's config module; a method's sizes
+# after its first (the same code at another shape) run with the slow tests.
+CASES = [pytest.param(name, size, marks=pytest.mark.slow if i else ())
+         for name in sorted(METHODS)
+         for i, size in enumerate(importlib.import_module(f"configs.{name}").CPU_SIZES)]
 
 
 @pytest.mark.parametrize("name,size", CASES)
