@@ -1,6 +1,7 @@
 """Every benchmark the README lists runs exactly as documented (`python experiments/...`), in a
 quick mode: a renamed flag, a shadowed import or a broken table fails here, not for a user."""
 
+import math
 import os
 import re
 import subprocess
@@ -124,3 +125,25 @@ def test_the_search_starts_from_answers_already_found(pod_fit):
   assert pod_fit.start_hint(done, "base", "v5e-256", 2, "full") == 6000  # 2 slices: 2x
   assert pod_fit.start_hint(done, "base", "v5e-256", 2, "dots") == 5000  # remat none's
   assert pod_fit.start_hint(done, "base", "v5e-256", 2, "none") is None
+
+
+def test_a_call_in_a_child_returns_its_result_or_the_signal_that_killed_it(pod_fit,
+                                                                          monkeypatch):
+  # The child imports the script by name, as it does when the script runs as __main__.
+  monkeypatch.syspath_prepend(os.path.join(ROOT, "experiments", "benchmarks"))
+  monkeypatch.setitem(sys.modules, "pod_fit", pod_fit)
+  assert pod_fit.call_in_child(math.factorial, 5) == (120, None)
+  assert pod_fit.call_in_child(os.abort) == (None, "SIGABRT")
+  with pytest.raises(RuntimeError, match="exit in a child process exited with code 3"):
+    pod_fit.call_in_child(sys.exit, 3)
+
+
+def test_a_compiler_crash_bounds_the_search_and_the_answer_says_so(pod_fit):
+  # The compiler dies on every batch from 3,000 (below the HBM limit's 4,096): the search
+  # goes on below the crash, ends within 10 % of it, and does not report 4,096.
+  compiled, affine_row, first = _affine_hbm_compiler()
+  compile_row = lambda batch: (affine_row(batch) if batch < 3000 else
+                               {"batch": batch, "fits": False, "crashed": "SIGSEGV"})
+  found = pod_fit.largest_batch(first, compile_row)
+  assert found["largest"] and found["fits"]
+  assert found["below_crash"] >= 3000 and found["below_crash"] / 1.1 <= found["batch"] < 3000

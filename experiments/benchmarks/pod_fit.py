@@ -8,19 +8,22 @@ Every row is one `avmae.aot.compile_step` of the trainer's own step for compile-
 of the topology (libtpu): HBM per chip, whether it fits, compile seconds, all-reduce and
 all-gather bytes per step within and across slices, and XLA's FLOPs per chip. Rows at the
 official global batch (the config's: 48 for CAV-MAE, 512 for AV-MAE; or the smallest
-multiple of the chip count where it does not split over the chips) and, with --max_batch, at the largest global batch that fits: the
-compiles home in on it between a batch that fits and one that does not, along the line
-through their HBM (it is close to linear in the batch), until the two are within 10 %
-(`largest_batch`). Rows are appended to --out as they finish (a
-run can be stopped and resumed: rows already there are skipped).
+multiple of the chip count where it does not split over the chips) and, with --max_batch, at
+the largest global batch that fits: the compiles home in on it between a batch that fits and
+one that does not, along the line through their HBM (it is close to linear in the batch),
+until the two are within 10 % (`largest_batch`). Each compile runs in its own process, so a
+compiler crash is a row, not the end of the run. Rows are appended to --out as they finish
+(a run can be stopped and resumed: rows already there are skipped).
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+import multiprocessing
 import os
 import re
+import signal
 import time
 from typing import Callable
 
@@ -49,17 +52,19 @@ def _official(size: str):
   return importlib.import_module(f"configs.{module or 'cav_mae'}").get_config(name)
 
 
-def _config(size: str, remat: str, batch: int):
+def _config(size: str, remat: str, batch: int, scan_layers: bool):
   return cav_mae.override(_official(size), {
-      "model.remat": remat, "model.scan_layers": _SCAN.value, "data.batch_size": batch})
+      "model.remat": remat, "model.scan_layers": scan_layers, "data.batch_size": batch})
 
 
-def measure(size: str, topology: str, slices: int, remat: str, batch: int) -> dict:
+def measure(size: str, topology: str, slices: int, remat: str, batch: int,
+            scan_layers: bool) -> dict:
   row = {"size": size, "topology": topology, "slices": slices, "remat": remat, "batch": batch,
-         "scan_layers": _SCAN.value}
+         "scan_layers": scan_layers}
   start = time.perf_counter()
   try:
-    r = aot.compile_step(_config(size, remat, batch), topology, slices, TRAIN_EXAMPLES)
+    r = aot.compile_step(_config(size, remat, batch, scan_layers), topology, slices,
+                         TRAIN_EXAMPLES)
   except aot.HbmOverflow as e:
     return {**row, "fits": False, "compile_s": time.perf_counter() - start, "error": str(e),
             "needed_gib": None if e.needed_bytes is None else e.needed_bytes / GiB}
@@ -67,10 +72,51 @@ def measure(size: str, topology: str, slices: int, remat: str, batch: int) -> di
   return {**row, "fits": True, "compile_s": r.compile_seconds, "chips": r.devices,
           "hbm_gib": r.total_bytes / GiB, "hbm_limit_gib": r.hbm_bytes / GiB,
           "argument_gib": r.memory["argument"] / GiB, "temporary_gib": r.memory["temporary"] / GiB,
-          "all_reduce_mib": coll("all-reduce") / 2**20, "all_gather_mib": coll("all-gather") / 2**20,
+          "all_reduce_mib": coll("all-reduce") / 2**20,
+          "all_gather_mib": coll("all-gather") / 2**20,
           "across_all_reduce_mib": sum(v["bytes"] for k, v in r.collectives.items()
                                        if k == "across/all-reduce") / 2**20,
-          "xla_tflop_per_chip": None if r.xla_flops is None else r.xla_flops / 1e12, "analytic_tflop_per_chip": r.analytic_flops / 1e12}
+          "xla_tflop_per_chip": None if r.xla_flops is None else r.xla_flops / 1e12,
+          "analytic_tflop_per_chip": r.analytic_flops / 1e12}
+
+
+def call_in_child(fn: Callable, *args) -> tuple[object, str | None]:
+  """`fn(*args)` in a fresh (spawned) process: (its result, None), or (None, the signal's
+  name) where the process died, as libtpu 0.0.42.1 does (SIGSEGV) compiling some large v6e
+  steps. A crash then costs one row, not the search, and each compile's memory goes back."""
+  context = multiprocessing.get_context("spawn")
+  receive, send = context.Pipe(duplex=False)
+  child = context.Process(target=_send_result, args=(send, fn, args))
+  child.start()
+  send.close()  # the child holds the only writer: recv() ends if it dies
+  try:
+    result = receive.recv()
+  except EOFError:
+    result = None
+  child.join()
+  if child.exitcode < 0:
+    return None, signal.Signals(-child.exitcode).name
+  if child.exitcode != 0:  # a Python exception: the child printed its traceback
+    raise RuntimeError(f"{fn.__name__} in a child process exited with code {child.exitcode} "
+                       "(its traceback is above)")
+  return result, None
+
+
+def _send_result(send, fn: Callable, args: tuple) -> None:
+  send.send(fn(*args))
+
+
+def measure_in_child(size: str, topology: str, slices: int, remat: str, batch: int,
+                     scan_layers: bool) -> dict:
+  """`measure` in its own process; a crashed compile is a row with "crashed" (the signal)."""
+  start = time.perf_counter()
+  row, crashed = call_in_child(measure, size, topology, slices, remat, batch, scan_layers)
+  if crashed is None:
+    return row
+  return {"size": size, "topology": topology, "slices": slices, "remat": remat, "batch": batch,
+          "scan_layers": scan_layers, "fits": False, "crashed": crashed,
+          "compile_s": time.perf_counter() - start,
+          "error": f"the compiler crashed ({crashed}) compiling this step"}
 
 
 def _needed_gib(row: dict) -> float | None:
@@ -108,7 +154,9 @@ def largest_batch(first: dict, compile_row: Callable[[int], dict], known: list[d
   yet, the next candidate is on the line through the two largest that fit (at least 10 %
   above the largest). `compile_row(batch)`: the row of one compile; `known`: rows already compiled
   for this configuration; `start`: the first candidate (`start_hint`), then 10 % above it
-  if it came within 10 % of the limit."""
+  if it came within 10 % of the limit. A batch whose compile crashed (`measure_in_child`)
+  bounds the search from above like one that does not fit; the answer then says so
+  ("below_crash")."""
   shards = first["chips"]  # data parallel over every chip (mesh data=-1)
   limit = first["hbm_limit_gib"]
   rows = [first, *known]
@@ -131,7 +179,8 @@ def largest_batch(first: dict, compile_row: Callable[[int], dict], known: list[d
     else:
       lo, hi = fits["batch"], fails["batch"]
       if hi <= 1.1 * lo or hi - lo <= shards:
-        return {**fits, "largest": True}
+        return {**fits, "largest": True,
+                **({"below_crash": hi} if fails.get("crashed") else {})}
       need = _needed_gib(fails)
       estimate = (lo + (0.99 * limit - fits["hbm_gib"]) * (hi - lo) / (need - fits["hbm_gib"])
                   if need and need > fits["hbm_gib"] else (lo + hi) / 2)
@@ -174,7 +223,8 @@ def main(argv) -> None:
   def emit(row: dict) -> dict:
     with open(_OUT.value, "a") as f:
       f.write(json.dumps(row) + "\n")
-    hbm = f"{row['hbm_gib']:.2f}" if row["fits"] else "over"
+    hbm = (f"{row['hbm_gib']:.2f}" if row["fits"] else
+           f"crashed ({row['crashed']})" if row.get("crashed") else "over")
     print(f"{row['size']:<6} {row['topology']:<8} x{row['slices']} remat={row['remat']:<5} "
           f"batch {row['batch']:>6}: HBM/chip {hbm:>6} GiB, compile {row['compile_s']:.0f} s",
           flush=True)
@@ -186,11 +236,12 @@ def main(argv) -> None:
         for remat in _REMAT.value:
           key = (size, topology, slices, remat)
           first = done.get(key + (False,)) or emit(
-              measure(size, topology, slices, remat, official_batch(
-                  topology, slices, _official(size).data.batch_size)))
+              measure_in_child(size, topology, slices, remat, official_batch(
+                  topology, slices, _official(size).data.batch_size), _SCAN.value))
           if _MAX_BATCH.value and first["fits"] and key + (True,) not in done:
             start = start_hint(done, size, topology, slices, remat)
-            compile_row = lambda batch: emit(measure(size, topology, slices, remat, batch))
+            compile_row = lambda batch: emit(
+                measure_in_child(size, topology, slices, remat, batch, _SCAN.value))
             done[key + (True,)] = emit(largest_batch(first, compile_row, history.get(key, []),
                                                      start))
   print_table(_OUT.value)
@@ -219,6 +270,8 @@ def print_table(path: str) -> None:
     if not r["fits"] or not (r.get("largest") or r["batch"] == official[key]):
       continue
     batch = f"{r['batch']}{' (largest)' if r.get('largest') else ''}"
+    if r.get("below_crash"):
+      batch = f"{r['batch']} (largest below a compiler crash at {r['below_crash']})"
     xla = ("n/a" if r["xla_tflop_per_chip"] is None or r["scan_layers"]
            else f"{r['xla_tflop_per_chip']:.3f}")
     print(f"| {r['size']} | {r['topology']} | {r['slices']} | {r['remat']} | {batch} | "
@@ -228,7 +281,8 @@ def print_table(path: str) -> None:
   for r in rows:
     if r["fits"] or r["batch"] != official[(r["size"], r["topology"], r["slices"], r["remat"])]:
       continue
-    print(f"does not fit: {r['size']} {r['topology']} x{r['slices']} remat={r['remat']} "
+    why = "compiler crashed" if r.get("crashed") else "does not fit"
+    print(f"{why}: {r['size']} {r['topology']} x{r['slices']} remat={r['remat']} "
           f"batch {r['batch']}")
 
 
