@@ -57,10 +57,16 @@ def _config(size: str, remat: str, batch: int, scan_layers: bool):
       "model.remat": remat, "model.scan_layers": scan_layers, "data.batch_size": batch})
 
 
+def _row(size: str, topology: str, slices: int, remat: str, batch: int,
+         scan_layers: bool) -> dict:
+  """What a row is of: the keys a search and the table group rows by."""
+  return {"size": size, "topology": topology, "slices": slices, "remat": remat, "batch": batch,
+          "scan_layers": scan_layers}
+
+
 def measure(size: str, topology: str, slices: int, remat: str, batch: int,
             scan_layers: bool) -> dict:
-  row = {"size": size, "topology": topology, "slices": slices, "remat": remat, "batch": batch,
-         "scan_layers": scan_layers}
+  row = _row(size, topology, slices, remat, batch, scan_layers)
   start = time.perf_counter()
   try:
     r = aot.compile_step(_config(size, remat, batch, scan_layers), topology, slices,
@@ -110,11 +116,11 @@ def measure_in_child(size: str, topology: str, slices: int, remat: str, batch: i
                      scan_layers: bool) -> dict:
   """`measure` in its own process; a crashed compile is a row with "crashed" (the signal)."""
   start = time.perf_counter()
-  row, crashed = call_in_child(measure, size, topology, slices, remat, batch, scan_layers)
+  args = (size, topology, slices, remat, batch, scan_layers)
+  row, crashed = call_in_child(measure, *args)
   if crashed is None:
     return row
-  return {"size": size, "topology": topology, "slices": slices, "remat": remat, "batch": batch,
-          "scan_layers": scan_layers, "fits": False, "crashed": crashed,
+  return {**_row(*args), "fits": False, "crashed": crashed,
           "compile_s": time.perf_counter() - start,
           "error": f"the compiler crashed ({crashed}) compiling this step"}
 
