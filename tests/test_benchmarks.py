@@ -1,11 +1,15 @@
 """Every benchmark the README lists runs exactly as documented (`python experiments/...`), in a
 quick mode: a renamed flag, a shadowed import or a broken table fails here, not for a user."""
 
+from __future__ import annotations
+
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -147,3 +151,58 @@ def test_a_compiler_crash_bounds_the_search_and_the_answer_says_so(pod_fit):
   found = pod_fit.largest_batch(first, compile_row)
   assert found["largest"] and found["fits"]
   assert found["below_crash"] >= 3000 and found["below_crash"] / 1.1 <= found["batch"] < 3000
+
+
+def test_the_table_names_each_search_still_open_with_its_bounds(pod_fit):
+  row = lambda batch, fits, **extra: {"size": "large", "topology": "v6e-256", "slices": 1,
+                                      "remat": "dots", "batch": batch, "fits": fits,
+                                      "hbm_gib": batch / 1000, "hbm_limit_gib": 32.0, **extra}
+  answered = [{**row(256, True), "remat": "none"}, {**row(4096, True), "remat": "none",
+                                                     "largest": True}]
+  open_rows = [row(256, True), row(15872, True), row(40000, False),
+               row(20000, False, crashed="SIGSEGV"), row(4096, True)]
+  assert pod_fit.open_searches(answered + open_rows) == [
+      "largest batch not found yet: large v6e-256 x1 remat=dots (15872 fits with 15.87 of "
+      "32 GiB; 20000 crashed (SIGSEGV))"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl is Linux's")
+def test_a_search_killed_by_a_signal_leaves_no_compile_running(tmp_path):
+  # The parent compiles in a child (here: marks a file, then sleeps); SIGKILL the parent once
+  # the child runs, and the child ends too.
+  mark = tmp_path / "child_runs"
+  parent = subprocess.Popen(
+      [sys.executable, "-c", "import sys, pod_fit; from tests.test_benchmarks import "
+       "_mark_then_sleep; pod_fit.call_in_child(_mark_then_sleep, sys.argv[1])", str(mark)],
+      cwd=ROOT, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+          [ROOT, os.path.join(ROOT, "experiments", "benchmarks")])})
+  try:
+    deadline = time.time() + 180
+    while not mark.exists() and parent.poll() is None and time.time() < deadline:
+      time.sleep(0.2)
+    (child,) = [int(p) for p in os.listdir("/proc") if p.isdigit() and _ppid(p) == parent.pid
+                and b"spawn_main" in open(f"/proc/{p}/cmdline", "rb").read()]  # not a tracker
+  finally:
+    parent.kill()
+    parent.wait()
+  deadline = time.time() + 30
+  while _ppid(str(child)) is not None and time.time() < deadline:
+    time.sleep(0.2)
+  outlived = _ppid(str(child)) is not None
+  if outlived:
+    os.kill(child, signal.SIGKILL)
+  assert not outlived, f"child {child} outlived its killed parent"
+
+
+def _mark_then_sleep(path: str) -> None:
+  open(path, "w").close()
+  time.sleep(300)
+
+
+def _ppid(pid: str) -> int | None:
+  """The parent of a live process; None once it is gone (or a zombie: it ran to its end)."""
+  try:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+  except OSError:
+    return None
+  return None if fields[0] == "Z" else int(fields[1])

@@ -18,12 +18,14 @@ compiler crash is a row, not the end of the run. Rows are appended to --out as t
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import json
 import multiprocessing
 import os
 import re
 import signal
+import sys
 import time
 from typing import Callable
 
@@ -43,6 +45,7 @@ _SCAN = flags.DEFINE_bool("scan_layers", True, "model.scan_layers (compiles 3-7x
 _OUT = flags.DEFINE_string("out", "/tmp/pod_fit.jsonl", "Rows, one JSON object a line.")
 # AudioSet-2M at the official batch: 36,900 steps an epoch (configs/cav_mae.py base).
 TRAIN_EXAMPLES = 36_900 * 48
+_PR_SET_PDEATHSIG = 1  # prctl(2)
 GiB = 2**30
 
 
@@ -109,6 +112,8 @@ def call_in_child(fn: Callable, *args) -> tuple[object, str | None]:
 
 
 def _send_result(send, fn: Callable, args: tuple) -> None:
+  if sys.platform.startswith("linux"):  # a search killed by a signal ends its compile too
+    ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
   send.send(fn(*args))
 
 
@@ -290,6 +295,29 @@ def print_table(path: str) -> None:
     why = "compiler crashed" if r.get("crashed") else "does not fit"
     print(f"{why}: {r['size']} {r['topology']} x{r['slices']} remat={r['remat']} "
           f"batch {r['batch']}")
+  for line in open_searches(rows):
+    print(line)
+
+
+def open_searches(rows: list[dict]) -> list[str]:
+  """One line for each configuration that fits its official batch but has no largest batch
+  yet, with the bounds its compiles have found so far (a resumed search starts from them)."""
+  by_key = {}
+  for r in rows:
+    by_key.setdefault((r["size"], r["topology"], r["slices"], r["remat"]), []).append(r)
+  lines = []
+  for (size, topology, slices, remat), compiled in by_key.items():
+    if any(r.get("largest") for r in compiled) or not compiled[0]["fits"]:
+      continue  # answered, or the official batch does not fit (a line above says so)
+    fitting = max((r for r in compiled if r["fits"]), key=lambda r: r["batch"])
+    over = [r for r in compiled if not r["fits"] and r["batch"] > fitting["batch"]]
+    over_text = ("" if not over else "; " + ", ".join(
+        f"{r['batch']} {'crashed (' + r['crashed'] + ')' if r.get('crashed') else 'does not fit'}"
+        for r in sorted(over, key=lambda r: r["batch"])[:1]))
+    lines.append(f"largest batch not found yet: {size} {topology} x{slices} remat={remat} "
+                 f"({fitting['batch']} fits with {fitting['hbm_gib']:.2f} of "
+                 f"{fitting['hbm_limit_gib']:.0f} GiB{over_text})")
+  return lines
 
 
 if __name__ == "__main__":
