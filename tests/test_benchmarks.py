@@ -153,7 +153,7 @@ def test_a_compiler_crash_bounds_the_search_and_the_answer_says_so(pod_fit):
   assert found["below_crash"] >= 3000 and found["below_crash"] / 1.1 <= found["batch"] < 3000
 
 
-def test_the_table_names_each_search_still_open_with_its_bounds(pod_fit):
+def test_the_table_gives_each_largest_batch_and_each_search_still_open(pod_fit):
   row = lambda batch, fits, **extra: {"size": "large", "topology": "v6e-256", "slices": 1,
                                       "remat": "dots", "batch": batch, "fits": fits,
                                       "hbm_gib": batch / 1000, "hbm_limit_gib": 32.0, **extra}
@@ -164,6 +164,11 @@ def test_the_table_names_each_search_still_open_with_its_bounds(pod_fit):
   assert pod_fit.open_searches(answered + open_rows) == [
       "largest batch not found yet: large v6e-256 x1 remat=dots (15872 fits with 15.87 of "
       "32 GiB; 20000 crashed (SIGSEGV))"]
+  assert pod_fit.largest_summary(answered + open_rows)[2] == (
+      "| large | v6e-256 | 1 | 4096 | >= 15872 (search open) |  |")
+  answer = {**row(15872, True), "largest": True, "below_crash": 20000}
+  assert pod_fit.largest_summary(answered + open_rows + [answer])[2] == (
+      "| large | v6e-256 | 1 | 4096 | 15872 (below a compiler crash at 20000) (3.9x) |  |")
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl is Linux's")

@@ -266,16 +266,19 @@ def print_table(path: str) -> None:
     if key not in seen:
       seen.add(key)
       rows.append(r)
+  official = {(r["size"], r["topology"], r["slices"], r["remat"]): r["batch"] for r in rows[::-1]}
+  rank = lambda order, x: order.index(x) if x in order else len(order)
+  rows.sort(key=lambda r: (rank(["tiny", "base", "base_video", "large"], r["size"]), r["size"],
+                           r["topology"], r["slices"], rank(["none", "dots", "full"], r["remat"]),
+                           r.get("largest", False), r["batch"]))
+  for line in largest_summary(rows):
+    print(line)
+  print()
   header = ("| size | topology | slices | remat | global batch | HBM / chip (GiB) | fits | "
             "compile (s) | all-reduce MiB (across slices) | all-gather MiB | TFLOP / chip "
             "(XLA / analytic; n/a: scanned, XLA counts a loop body once) |")
   print(header)
   print("|---" * (header.count("|") - 1) + "|")
-  official = {(r["size"], r["topology"], r["slices"], r["remat"]): r["batch"] for r in rows[::-1]}
-  rank = lambda order, x: order.index(x) if x in order else len(order)
-  rows.sort(key=lambda r: (rank(["tiny", "base", "base_video", "large"], r["size"]), r["topology"],
-                           r["slices"], rank(["none", "dots", "full"], r["remat"]),
-                           r.get("largest", False), r["batch"]))
   for r in rows:
     key = (r["size"], r["topology"], r["slices"], r["remat"])
     if not r["fits"] or not (r.get("largest") or r["batch"] == official[key]):
@@ -289,14 +292,49 @@ def print_table(path: str) -> None:
           f"{r['hbm_gib']:.2f} / {r['hbm_limit_gib']:.0f} | yes | {r['compile_s']:.0f} | "
           f"{r['all_reduce_mib']:.0f} ({r['across_all_reduce_mib']:.0f}) | "
           f"{r['all_gather_mib']:.0f} | {xla} / {r['analytic_tflop_per_chip']:.3f} |")
+  print()  # a list under the table, not more table rows
   for r in rows:
     if r["fits"] or r["batch"] != official[(r["size"], r["topology"], r["slices"], r["remat"])]:
       continue
     why = "compiler crashed" if r.get("crashed") else "does not fit"
-    print(f"{why}: {r['size']} {r['topology']} x{r['slices']} remat={r['remat']} "
+    print(f"- {why}: {r['size']} {r['topology']} x{r['slices']} remat={r['remat']} "
           f"batch {r['batch']}")
   for line in open_searches(rows):
-    print(line)
+    print(f"- {line}")
+
+
+def largest_summary(rows: list[dict]) -> list[str]:
+  """The largest global batch of each size, topology and slice count, a column a remat policy
+  (in brackets: how many times remat none's); a search still open shows its bound so far."""
+  cells = {}
+  for r in rows:
+    cells.setdefault((r["size"], r["topology"], r["slices"]), {}).setdefault(
+        r["remat"], []).append(r)
+  policies = ["none", "dots", "full"]
+  lines = ["| size | topology | slices | " + " | ".join(
+               f"largest batch, remat {p}" for p in policies) + " |",
+           "|---" * (3 + len(policies)) + "|"]
+  for (size, topology, slices), by_remat in cells.items():
+    answers = {remat: next((r for r in compiled if r.get("largest")), None)
+               for remat, compiled in by_remat.items()}
+    text = []
+    for remat in policies:
+      compiled, answer = by_remat.get(remat, []), answers.get(remat)
+      fitting = [r["batch"] for r in compiled if r["fits"]]
+      if answer:
+        cell = str(answer["batch"])
+        if answer.get("below_crash"):
+          cell += f" (below a compiler crash at {answer['below_crash']})"
+        if remat != "none" and answers.get("none"):
+          cell += f" ({answer['batch'] / answers['none']['batch']:.1f}x)"
+      elif fitting:
+        cell = f">= {max(fitting)} (search open)"
+      else:
+        cell = "does not fit" if compiled else ""
+      text.append(cell)
+    if any(text):
+      lines.append(f"| {size} | {topology} | {slices} | " + " | ".join(text) + " |")
+  return lines
 
 
 def open_searches(rows: list[dict]) -> list[str]:
