@@ -153,6 +153,20 @@ def test_a_compiler_crash_bounds_the_search_and_the_answer_says_so(pod_fit):
   assert found["below_crash"] >= 3000 and found["below_crash"] / 1.1 <= found["batch"] < 3000
 
 
+def test_after_a_crash_the_next_candidate_is_where_the_fitting_batches_line_meets_the_limit(
+    pod_fit):
+  # A crash gives no HBM figure to interpolate to: the next candidate is where the line of
+  # the batches that fit meets 99 % of the limit (4,040 here), not the bracket's middle
+  # (4,496), and a crash above the HBM limit (from 6,000; the limit is at 4,096) does not
+  # mark the answer.
+  compiled, affine_row, first = _affine_hbm_compiler()
+  compile_row = lambda batch: (affine_row(batch) if batch < 6000 else
+                               {"batch": batch, "fits": False, "crashed": "SIGSEGV"})
+  found = pod_fit.largest_batch(first, compile_row, [compile_row(3000), compile_row(6000)])
+  assert 4096 / 1.1 <= found["batch"] <= 4096 and "below_crash" not in found
+  assert compiled[:2] == [3000, 4040], compiled
+
+
 def test_the_table_gives_each_largest_batch_and_each_search_still_open(pod_fit):
   row = lambda batch, fits, **extra: {"size": "large", "topology": "v6e-256", "slices": 1,
                                       "remat": "dots", "batch": batch, "fits": fits,

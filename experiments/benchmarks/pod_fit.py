@@ -193,8 +193,12 @@ def largest_batch(first: dict, compile_row: Callable[[int], dict], known: list[d
         return {**fits, "largest": True,
                 **({"below_crash": hi} if fails.get("crashed") else {})}
       need = _needed_gib(fails)
-      estimate = (lo + (0.99 * limit - fits["hbm_gib"]) * (hi - lo) / (need - fits["hbm_gib"])
-                  if need and need > fits["hbm_gib"] else (lo + hi) / 2)
+      if need and need > fits["hbm_gib"]:
+        estimate = lo + (0.99 * limit - fits["hbm_gib"]) * (hi - lo) / (need - fits["hbm_gib"])
+      elif fails.get("crashed"):  # no HBM figure above: where the fitting batches' line ends
+        estimate = _extrapolate([r for r in rows if r["fits"]], 0.99 * limit)
+      else:
+        estimate = (lo + hi) / 2
       candidate = min(max(estimate, lo + (hi - lo) / 4), hi - (hi - lo) / 4)
     candidate = int(candidate) // shards * shards
     if candidate <= fits["batch"] or (fails and candidate >= fails["batch"]):
