@@ -186,31 +186,42 @@ def test_the_table_gives_each_largest_batch_and_each_search_still_open(pod_fit):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl is Linux's")
-def test_a_search_killed_by_a_signal_leaves_no_compile_running(tmp_path):
-  # The parent compiles in a child (here: marks a file, then sleeps); SIGKILL the parent once
-  # the child runs, and the child ends too.
+@pytest.mark.parametrize("when", ["running", "starting"])
+def test_a_search_killed_by_a_signal_leaves_no_compile_running(tmp_path, when):
+  # The parent compiles in a child (here: marks a file, then sleeps). SIGKILL the parent once
+  # the child runs, or as soon as the child exists (before it can ask to die with its parent),
+  # and the child ends too.
   mark = tmp_path / "child_runs"
   parent = subprocess.Popen(
       [sys.executable, "-c", "import sys, pod_fit; from tests.test_benchmarks import "
        "_mark_then_sleep; pod_fit.call_in_child(_mark_then_sleep, sys.argv[1])", str(mark)],
       cwd=ROOT, env={**os.environ, "PYTHONPATH": os.pathsep.join(
           [ROOT, os.path.join(ROOT, "experiments", "benchmarks")])})
+  children = lambda: [int(p) for p in os.listdir("/proc") if p.isdigit()
+                      and _ppid(p) == parent.pid and b"spawn_main" in _cmdline(p)]
   try:
     deadline = time.time() + 180
-    while not mark.exists() and parent.poll() is None and time.time() < deadline:
-      time.sleep(0.2)
-    (child,) = [int(p) for p in os.listdir("/proc") if p.isdigit() and _ppid(p) == parent.pid
-                and b"spawn_main" in open(f"/proc/{p}/cmdline", "rb").read()]  # not a tracker
+    while (not mark.exists() if when == "running" else not children()) and (
+        parent.poll() is None and time.time() < deadline):
+      time.sleep(0.02)
+    (child,) = children()  # not multiprocessing's resource tracker
   finally:
     parent.kill()
     parent.wait()
-  deadline = time.time() + 30
+  deadline = time.time() + 60
   while _ppid(str(child)) is not None and time.time() < deadline:
     time.sleep(0.2)
   outlived = _ppid(str(child)) is not None
   if outlived:
     os.kill(child, signal.SIGKILL)
   assert not outlived, f"child {child} outlived its killed parent"
+
+
+def _cmdline(pid: str) -> bytes:
+  try:
+    return open(f"/proc/{pid}/cmdline", "rb").read()
+  except OSError:
+    return b""
 
 
 def _mark_then_sleep(path: str) -> None:

@@ -95,7 +95,7 @@ def call_in_child(fn: Callable, *args) -> tuple[object, str | None]:
   steps. A crash then costs one row, not the search, and each compile's memory goes back."""
   context = multiprocessing.get_context("spawn")
   receive, send = context.Pipe(duplex=False)
-  child = context.Process(target=_send_result, args=(send, fn, args))
+  child = context.Process(target=_send_result, args=(send, fn, args, os.getpid()))
   child.start()
   send.close()  # the child holds the only writer: recv() ends if it dies
   try:
@@ -111,9 +111,11 @@ def call_in_child(fn: Callable, *args) -> tuple[object, str | None]:
   return result, None
 
 
-def _send_result(send, fn: Callable, args: tuple) -> None:
+def _send_result(send, fn: Callable, args: tuple, parent: int | None = None) -> None:
   if sys.platform.startswith("linux"):  # a search killed by a signal ends its compile too
     ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if parent is not None and os.getppid() != parent:  # it died while this one started
+      os._exit(1)
   send.send(fn(*args))
 
 
