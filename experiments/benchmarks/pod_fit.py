@@ -111,10 +111,10 @@ def call_in_child(fn: Callable, *args) -> tuple[object, str | None]:
   return result, None
 
 
-def _send_result(send, fn: Callable, args: tuple, parent: int | None = None) -> None:
+def _send_result(send, fn: Callable, args: tuple, parent: int) -> None:
   if sys.platform.startswith("linux"):  # a search killed by a signal ends its compile too
     ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    if parent is not None and os.getppid() != parent:  # it died while this one started
+    if os.getppid() != parent:  # it died while this one started: no signal will come
       os._exit(1)
   send.send(fn(*args))
 
@@ -309,13 +309,20 @@ def print_table(path: str) -> None:
     print(f"- {line}")
 
 
+def _by_configuration(rows: list[dict]) -> dict[tuple, list[dict]]:
+  """(size, topology, slices, remat) -> its rows, in their order."""
+  grouped = {}
+  for r in rows:
+    grouped.setdefault((r["size"], r["topology"], r["slices"], r["remat"]), []).append(r)
+  return grouped
+
+
 def largest_summary(rows: list[dict]) -> list[str]:
   """The largest global batch of each size, topology and slice count, a column a remat policy
   (in brackets: how many times remat none's); a search still open shows its bound so far."""
   cells = {}
-  for r in rows:
-    cells.setdefault((r["size"], r["topology"], r["slices"]), {}).setdefault(
-        r["remat"], []).append(r)
+  for (size, topology, slices, remat), compiled in _by_configuration(rows).items():
+    cells.setdefault((size, topology, slices), {})[remat] = compiled
   policies = ["none", "dots", "full"]
   lines = ["| size | topology | slices | " + " | ".join(
                f"largest batch, remat {p}" for p in policies) + " |",
@@ -346,18 +353,16 @@ def largest_summary(rows: list[dict]) -> list[str]:
 def open_searches(rows: list[dict]) -> list[str]:
   """One line for each configuration that fits its official batch but has no largest batch
   yet, with the bounds its compiles have found so far (a resumed search starts from them)."""
-  by_key = {}
-  for r in rows:
-    by_key.setdefault((r["size"], r["topology"], r["slices"], r["remat"]), []).append(r)
   lines = []
-  for (size, topology, slices, remat), compiled in by_key.items():
-    if any(r.get("largest") for r in compiled) or not compiled[0]["fits"]:
+  for (size, topology, slices, remat), compiled in _by_configuration(rows).items():
+    official = min(compiled, key=lambda r: r["batch"])
+    if any(r.get("largest") for r in compiled) or not official["fits"]:
       continue  # answered, or the official batch does not fit (a line above says so)
     fitting = max((r for r in compiled if r["fits"]), key=lambda r: r["batch"])
-    over = [r for r in compiled if not r["fits"] and r["batch"] > fitting["batch"]]
-    over_text = ("" if not over else "; " + ", ".join(
-        f"{r['batch']} {'crashed (' + r['crashed'] + ')' if r.get('crashed') else 'does not fit'}"
-        for r in sorted(over, key=lambda r: r["batch"])[:1]))
+    over = min((r for r in compiled if not r["fits"] and r["batch"] > fitting["batch"]),
+               key=lambda r: r["batch"], default=None)
+    over_text = ("" if over is None else f"; {over['batch']} " + (
+        f"crashed ({over['crashed']})" if over.get("crashed") else "does not fit"))
     lines.append(f"largest batch not found yet: {size} {topology} x{slices} remat={remat} "
                  f"({fitting['batch']} fits with {fitting['hbm_gib']:.2f} of "
                  f"{fitting['hbm_limit_gib']:.0f} GiB{over_text})")
