@@ -123,6 +123,16 @@ def test_a_resumed_search_goes_on_past_a_hint_it_compiled_before(pod_fit):
   assert (found["batch"], compiled) == (4000, [4000, 4400])
 
 
+def test_a_resumed_search_past_its_hint_goes_on_from_what_fits(pod_fit):
+  # Resumed with 3,000 known to fit, a hint of 2,048 (remat none's answer) is below it: the
+  # search goes on above 3,000 instead of ending there without a batch that fails.
+  compiled, compile_row, first = _affine_hbm_compiler()
+  known = [compile_row(3000)]
+  found = pod_fit.largest_batch(first, compile_row, known, start=2048)
+  assert 4096 / 1.1 <= found["batch"] <= 4096, (found["batch"], compiled)
+  assert min(compiled[1:]) > 3000, compiled
+
+
 def test_the_search_starts_from_answers_already_found(pod_fit):
   done = {("base", "v5e-256", 1, "full", True): {"batch": 3000},
           ("base", "v5e-256", 2, "none", True): {"batch": 5000}}

@@ -176,8 +176,10 @@ def largest_batch(first: dict, compile_row: Callable[[int], dict], known: list[d
   # 10 % above the hint, not past it: if that fails, the bracket is already within 10 %.
   hints = [] if start is None else [start, max(int(1.1 * start) // shards * shards,
                                                start + shards)]
-  # A resumed search (`known`) may have compiled the hint already: not a candidate again.
-  hints = [h for h in hints if h not in {r["batch"] for r in rows}]
+  # A resumed search (`known`) may have compiled the hint already, or a larger batch that
+  # fits: the hint is then no candidate (a batch below one that fits would end the search).
+  fitting = max(r["batch"] for r in rows if r["fits"])
+  hints = [h for h in hints if h not in {r["batch"] for r in rows} and h > fitting]
   while True:
     fits = max((r for r in rows if r["fits"]), key=lambda r: r["batch"])
     fails = min((r for r in rows if not r["fits"] and r["batch"] > fits["batch"]),
