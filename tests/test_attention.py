@@ -1,4 +1,4 @@
-"""vit.dot_product_attention: the CPU path (pre-scaled q, query blocks under jax.checkpoint)
+"""vit.dot_product_attention: the CPU path (pre-scaled q, heads-major, its own backward pass)
 computes what jax.nn.dot_product_attention does, and other platforms get jax.nn's own."""
 
 import re
@@ -24,22 +24,26 @@ def _value_and_grads(attention, q, k, v, cotangent):
       argnums=(0, 1, 2)))(q, k, v)
 
 
-# 37 tokens: the blocks do not divide it (padded queries); 2**14 bytes force 9 blocks.
-@pytest.mark.parametrize("block_bytes", [2**40, 2**14])
-def test_cpu_attention_equals_jax_nn(monkeypatch, block_bytes):
-  monkeypatch.setattr(vit, "CPU_SCORE_BLOCK_BYTES", block_bytes)
+def test_cpu_attention_equals_jax_nn():
   q, k, v, cotangent = _qkv(3, 37, 4, 16)
   ref_out = jax.nn.dot_product_attention(q, k, v)
-  out = jax.jit(lambda *a: vit.cpu_attention(*a))(q, k, v)
+  out = jax.jit(vit.cpu_attention)(q, k, v)
   np.testing.assert_allclose(out, ref_out, rtol=2e-6, atol=2e-6)
-  cpu = lambda *a: vit.cpu_attention(*a)  # a new function: traced with this block size
   (ref_value, ref_grads), (value, grads) = (
-      _value_and_grads(f, q, k, v, cotangent) for f in (jax.nn.dot_product_attention, cpu))
+      _value_and_grads(f, q, k, v, cotangent) for f in (jax.nn.dot_product_attention,
+                                                        vit.cpu_attention))
   np.testing.assert_allclose(value, ref_value, rtol=1e-5)
   for got, ref in zip(grads, ref_grads):
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
-  program = jax.jit(cpu).lower(q, k, v).compile().as_text()
-  assert ("while" in program) == (block_bytes < 2**20)
+
+
+def test_cpu_attention_saves_no_probabilities_for_the_backward_pass():
+  """Its residuals are q, k, v, the output and a log-sum-exp per query: nothing of
+  [T, T] (autodiff of jax.nn's softmax saves the probabilities)."""
+  q, k, v, _ = _qkv(2, 50, 3, 8)
+  saved = lambda f: [x.size for x in jax.tree.leaves(jax.vjp(f, q, k, v)[1])]
+  assert max(saved(vit.cpu_attention)) == q.size
+  assert max(saved(jax.nn.dot_product_attention)) == 2 * 3 * 50 * 50
 
 
 def test_cpu_attention_in_bfloat16_stays_close():
@@ -50,20 +54,21 @@ def test_cpu_attention_in_bfloat16_stays_close():
   np.testing.assert_allclose(got.astype(np.float32), ref, atol=3e-2)
 
 
-def test_the_platform_picks_the_attention(monkeypatch):
-  """Compiled for this CPU the attention loops over query blocks; compiled for a TPU
-  (compile-only devices, libtpu) it is jax.nn.dot_product_attention: no loop."""
-  monkeypatch.setattr(vit, "CPU_SCORE_BLOCK_BYTES", 2**12)
-  q, _, _, _ = _qkv(4, 32, 2, 8)  # an example per chip of the v5e-4
-  attention = lambda *a: vit.dot_product_attention(*a)
-  assert "while" in jax.jit(attention).lower(q, q, q).compile().as_text()
+def test_the_platform_picks_the_attention():
+  """Compiled for this CPU, attention and its gradient are cpu_attention's; compiled for a
+  TPU (compile-only devices, libtpu) it is jax.nn.dot_product_attention."""
+  q, k, v, cotangent = _qkv(4, 32, 2, 8)  # an example per chip of the v5e-4
+  fusions = lambda text: sorted(re.findall(r"= (\S+) (fusion|convolution|dot)\(", text))
+  grads = lambda f: fusions(jax.jit(jax.grad(
+      lambda *a: jnp.vdot(f(*a), cotangent), argnums=(0, 1, 2))).lower(q, k, v).compile().as_text())
+  cpu = grads(vit.dot_product_attention)
+  assert cpu == grads(vit.cpu_attention) and cpu != grads(jax.nn.dot_product_attention)
   mesh = sharding.make_mesh({"data": -1}, aot.topology_devices(aot.parse_topology("v5e-4"), 1))
   spec = jax.ShapeDtypeStruct(q.shape, q.dtype, sharding=jax.sharding.NamedSharding(
       mesh, jax.sharding.PartitionSpec("data")))
+  attention = lambda *a: vit.dot_product_attention(*a)
   tpu = jax.jit(attention).lower(spec, spec, spec).compile().as_text()
   reference = jax.jit(jax.nn.dot_product_attention).lower(spec, spec, spec).compile().as_text()
-  assert "while" not in tpu and "while" not in reference
-  fusions = lambda text: sorted(re.findall(r"= \S+ (fusion|convolution|dot)\(", text))
   assert fusions(tpu) == fusions(reference)
 
 

@@ -114,38 +114,55 @@ def layer_norm(x: jax.Array, params: tuple[jax.Array, jax.Array], dtype: Dtype,
   return ((x32 - mean) * jax.lax.rsqrt(var + eps) * scale + bias).astype(dtype)
 
 
-# On a CPU, attention scores beyond this many bytes are computed in blocks of queries: about
-# the last-level cache of the machines measured (experiments/benchmarks/vs_torch.py).
-CPU_SCORE_BLOCK_BYTES = 32 * 2**20
-
-
+@jax.custom_vjp
 def _softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-  """softmax(q k^T) v over [B, T, heads, head_dim] for a pre-scaled q; scores in float32."""
-  scores = jnp.einsum("bqhc,bkhc->bhqk", q, k, preferred_element_type=jnp.float32)
-  return jnp.einsum("bhqk,bkhc->bqhc", jax.nn.softmax(scores, axis=-1).astype(v.dtype), v)
+  """softmax(q k^T) v over [B, heads, T, head_dim] for a pre-scaled q; scores in float32."""
+  return _attention_forward(q, k, v)[0]
+
+
+def _attention_forward(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, tuple]:
+  """The output, and for the backward pass q, k, v, the output and each query's log-sum-exp
+  of scores (not the [T, T] probabilities). The softmax's sum divides the [T, head_dim]
+  output, not the [T, T] probabilities."""
+  scores = jnp.einsum("bhqc,bhkc->bhqk", q, k, preferred_element_type=jnp.float32)
+  top = scores.max(-1, keepdims=True)
+  p = jnp.exp(scores - top)
+  total = p.sum(-1, keepdims=True)
+  out = jnp.einsum("bhqk,bhkc->bhqc", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  out = (out / total).astype(v.dtype)
+  return out, (q, k, v, out, top + jnp.log(total))
+
+
+def _attention_backward(residuals: tuple, d_out: jax.Array) -> tuple[jax.Array, ...]:
+  """Probabilities recomputed from q, k and the log-sum-exp; softmax's backward from
+  rowsum(d_out * out), which equals rowsum(d_p * p) over [T, head_dim] instead of [T, T]."""
+  q, k, v, out, lse = residuals
+  p = jnp.exp(jnp.einsum("bhqc,bhkc->bhqk", q, k, preferred_element_type=jnp.float32) - lse)
+  d_v = jnp.einsum("bhqk,bhqc->bhkc", p.astype(d_out.dtype), d_out)
+  d_p = jnp.einsum("bhqc,bhkc->bhqk", d_out, v, preferred_element_type=jnp.float32)
+  row = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1, keepdims=True)
+  d_scores = (p * (d_p - row)).astype(q.dtype)
+  return (jnp.einsum("bhqk,bhkc->bhqc", d_scores, k), jnp.einsum("bhqk,bhqc->bhkc", d_scores, q),
+          d_v.astype(v.dtype))
+
+
+_softmax_attention.defvjp(_attention_forward, _attention_backward)
 
 
 def cpu_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   """The attention of `dot_product_attention` as XLA:CPU runs it fastest.
 
+  - heads-major inside ([B, heads, T, head_dim]): the batched dots need no copies;
   - q is scaled before the product, not the [B, heads, T, T] scores after it (XLA:CPU
     materialises the broadcast scale and reads it back);
-  - no grouped-query reshapes (jax.nn.dot_product_attention's add broadcasts and copies);
-  - scores over CPU_SCORE_BLOCK_BYTES are computed a block of queries at a time (lax.map),
-    each block recomputed in the backward pass (jax.checkpoint), so that the softmax's
-    several passes stay in cache. Each query's softmax is over all keys: exact, not online.
+  - its own backward pass (`_attention_backward`, exact, as flash attention's without the
+    key blocks): it saves the output and each query's log-sum-exp, not the probabilities,
+    and fewer passes go over [T, T] arrays than under autodiff of the softmax. Blocks of
+    queries (to keep the scores in cache) measured slower with it (docs/speed.md).
   """
-  batch, tokens, heads, head_dim = q.shape
-  q = q * jnp.asarray(head_dim ** -0.5, q.dtype)
-  blocks = -(-batch * heads * tokens * k.shape[1] * 4 // CPU_SCORE_BLOCK_BYTES)
-  if blocks <= 1:
-    return _softmax_attention(q, k, v)
-  size = -(-tokens // blocks)
-  pad = blocks * size - tokens
-  q_blocks = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(
-      batch, blocks, size, heads, head_dim).swapaxes(0, 1)
-  y = jax.lax.map(jax.checkpoint(lambda qb: _softmax_attention(qb, k, v)), q_blocks)
-  return y.swapaxes(0, 1).reshape(batch, blocks * size, heads, -1)[:, :tokens]
+  scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+  q, k, v = (x.swapaxes(1, 2) for x in (q * scale, k, v))
+  return _softmax_attention(q, k, v).swapaxes(1, 2)
 
 
 def gpu_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
