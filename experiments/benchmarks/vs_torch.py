@@ -15,11 +15,12 @@ steps) so that both see the same machine load; each prints the median seconds pe
 the rounds and the ratio torch / avmae (above 1: avmae is faster). The first step's losses
 are printed side by side: equal weights, masks and objective give equal losses.
 
-Both frameworks share this process's malloc heap, so until each has run a step after the
-other's, one's frees leave the other's largest buffers to be faulted in again (at base, batch
-4: avmae's first step after torch's first took 770,000 minor page faults, 12.2 s against 6.9 s
-a step after). `--warmup` rounds (one step each) run before the timing, and the table gives
-each side's minor page faults per timed step, so that a step still faulting shows.
+torch's step runs in a child process, so that each framework has a malloc heap of its own:
+in one process, one's frees left the other's largest buffers to be faulted in again (at base,
+batch 4: avmae's first step after torch's first took 770,000 minor page faults, 12.2 s
+against 6.9 s a step after, and later rounds still faulted now and then). `--warmup` rounds
+(one step each) run before the timing, and the table gives each side's minor page faults per
+timed step, so that a step still faulting shows.
 
 `--profile`: after the timing, each step runs under its profiler (jax.profiler for avmae,
 torch.profiler for torch) and the top ops by time are printed, avmae's with the HLO shape and
@@ -33,9 +34,12 @@ which is what XLA:CPU uses).
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable
 import glob
 import gzip
 import json
+import multiprocessing
+import multiprocessing.connection
 import os
 import re
 import statistics
@@ -113,11 +117,12 @@ class JaxStep:
 
 
 class TorchStep:
-  """torch_cav_mae's pretraining loss, backward and a torch optimizer step."""
+  """torch_cav_mae's pretraining loss, backward and a torch optimizer step, from the official
+  state dict of avmae's parameters."""
 
-  def __init__(self, config, model, params, batch: dict[str, np.ndarray], masks, dtype: str):
+  def __init__(self, config, state: dict[str, np.ndarray], batch: dict[str, np.ndarray], masks,
+               dtype: str):
     self.model = torch_cav_mae.CAVMAE(**cav_mae_layout.torch_args(config.model)).train()
-    state = cav_mae_layout.to_official(jax.tree.map(np.asarray, params), model)
     self.model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
     o, c = config.optimizer, config.loss
     trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -195,6 +200,57 @@ def profile_torch(step: TorchStep, steps: int) -> list[tuple[float, str]]:
   return [(e.self_cpu_time_total / steps / 1e3, e.key) for e in rows]
 
 
+def _serve_torch_step(conn: multiprocessing.connection.Connection, threads: int,
+                      keep_memory: bool, *step_args) -> None:
+  """A child process's loop: builds TorchStep(*step_args), then answers ("run", n) with (seconds
+  for n steps, minor page faults in them, the last loss) and ("profile", n) with its top ops,
+  until it receives None."""
+  if keep_memory:
+    host_memory.keep_freed_memory()
+  torch.set_num_threads(threads)
+  step = TorchStep(*step_args)
+  while (request := conn.recv()) is not None:
+    what, steps = request
+    if what == "profile":
+      conn.send(profile_torch(step, steps))
+      continue
+    conn.send(timed_steps(step, steps))
+
+
+class TorchProcess:
+  """TorchStep in a child process (a malloc heap of its own), driven over a pipe."""
+
+  def __init__(self, *step_args):
+    context = multiprocessing.get_context("spawn")
+    self.conn, child = context.Pipe()
+    self.process = context.Process(target=_serve_torch_step, daemon=True, args=(
+        child, torch.get_num_threads(), _KEEP_MEMORY.value, *step_args))
+    self.process.start()
+
+  def run(self, steps: int) -> tuple[float, int, float]:
+    self.conn.send(("run", steps))
+    return self.conn.recv()
+
+  def profile(self, steps: int) -> list[tuple[float, str]]:
+    self.conn.send(("profile", steps))
+    return self.conn.recv()
+
+  def close(self) -> None:
+    self.conn.send(None)
+    self.process.join()
+
+
+def timed_steps(step: Callable[[], float], steps: int) -> tuple[float, int, float]:
+  """(seconds for `steps` calls of step, minor page faults in them, the last loss)."""
+  faulted = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  start = time.perf_counter()
+  for _ in range(steps):
+    loss = step()
+  loss = float(loss)  # waits for JAX's asynchronous dispatch (torch's step returns a float)
+  return (time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+          - faulted, loss)
+
+
 def step_masks(config, method, batch_size: int, steps: int) -> list[tuple[torch.Tensor, ...]]:
   """The masks the JAX step draws at steps 0..steps-1 (its key: fold_in(seed, step))."""
   out = []
@@ -220,27 +276,26 @@ def compare(size: str, batch_size: int, scan_layers: bool) -> dict:
   compile_s = time.perf_counter() - start
   method = jax_step.program.method
   total = _WARMUP.value + _ROUNDS.value * _STEPS.value
-  torch_step = TorchStep(config, method.model, jax_step.params(), batch,
-                         step_masks(config, method, batch_size, total), _DTYPE.value)
-  first = (float(jax_step()), torch_step())  # the same step 0 on both
+  state = cav_mae_layout.to_official(jax.tree.map(np.asarray, jax_step.params()), method.model)
+  torch_step = TorchProcess(config, state, batch,
+                            step_masks(config, method, batch_size, total), _DTYPE.value)
+  del state
+  first = (timed_steps(jax_step, 1)[2], torch_step.run(1)[2])  # the same step 0 on both
   for _ in range(_WARMUP.value - 1):
-    float(jax_step()), torch_step()
+    timed_steps(jax_step, 1), torch_step.run(1)
   times, faults = {"avmae": [], "torch": []}, {"avmae": 0, "torch": 0}
   for _ in range(_ROUNDS.value):
-    for name, run in (("avmae", jax_step), ("torch", torch_step)):
-      faulted = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-      start = time.perf_counter()
-      for _ in range(_STEPS.value):
-        loss = run()
-      float(loss)  # waits for JAX's asynchronous dispatch
-      times[name].append((time.perf_counter() - start) / _STEPS.value)
-      faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faulted
+    for name, run in (("avmae", lambda n: timed_steps(jax_step, n)), ("torch", torch_step.run)):
+      seconds, faulted, _ = run(_STEPS.value)
+      times[name].append(seconds / _STEPS.value)
+      faults[name] += faulted
   if _PROFILE.value:
     for name, top in (("avmae", profile_jax(jax_step, _STEPS.value)),
-                      ("torch", profile_torch(torch_step, _STEPS.value))):
+                      ("torch", torch_step.profile(_STEPS.value))):
       print(f"\n{size} (scan_layers={scan_layers}): top {name} ops, ms per step (self time)")
       for ms, what in top:
         print(f"  {ms:9.1f}  {what[:150]}")
+  torch_step.close()
   return {"size": size, "batch": batch_size, "scan": scan_layers, "compile_s": compile_s,
           "first_loss": first,
           "faults": {k: v / (_ROUNDS.value * _STEPS.value) for k, v in faults.items()},
