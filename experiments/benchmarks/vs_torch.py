@@ -42,8 +42,8 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import re
-import statistics
 import resource
+import statistics
 import tempfile
 import time
 
@@ -62,7 +62,7 @@ from configs import cav_mae
 _SIZES = flags.DEFINE_list("sizes", ["tiny", "base"], "configs/cav_mae.py sizes.")
 _BATCH = flags.DEFINE_list("batch", ["tiny:32", "base:4", "demo:32"], "size:global batch.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
-_ROUNDS = flags.DEFINE_integer("rounds", 4, "Interleaved rounds (after one warm-up each).")
+_ROUNDS = flags.DEFINE_integer("rounds", 4, "Interleaved timed rounds (after --warmup).")
 _STEPS = flags.DEFINE_integer("steps", 2, "Steps per round and framework.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed interleaved rounds of one step each.",
                                lower_bound=1)
