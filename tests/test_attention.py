@@ -1,6 +1,7 @@
 """vit.dot_product_attention: the CPU path (pre-scaled q, heads-major, its own backward pass)
 computes what jax.nn.dot_product_attention does, and other platforms get jax.nn's own."""
 
+import math
 import re
 
 import jax
@@ -87,3 +88,35 @@ def test_the_gpu_branch_traces_and_falls_back_where_cudnn_cannot(monkeypatch):
   assert traced == [1]
   np.testing.assert_allclose(out.astype(np.float32), vit.cpu_attention(q, k, v).astype(
       np.float32), atol=1e-2)
+
+
+@pytest.mark.parametrize("spec, x_shape, kernel_shape", [
+    ("...td,dkhc->k...thc", (4, 50, 96), (96, 3, 4, 24)),  # the fused qkv projection
+    ("...thc,hcd->...td", (2, 4, 50, 4, 24), (4, 24, 96)),   # the output projection
+])
+def test_project_is_the_einsum_without_transposes_on_a_cpu(spec, x_shape, kernel_shape):
+  """vit.project equals its einsum, value and gradients. Compiled for this CPU, its gradient
+  program neither transposes nor copies the kernel or the kernel's gradient (the einsum's
+  does); compiled for a TPU, it is the einsum's own program."""
+  rng = np.random.default_rng(0)
+  x, kernel = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in (x_shape, kernel_shape))
+  cotangent = jnp.asarray(rng.standard_normal(jnp.einsum(spec, x, kernel).shape), jnp.float32)
+  loss = lambda f: lambda a, b: jnp.vdot(f(a, b), cotangent)
+  grads = {name: jax.jit(jax.value_and_grad(loss(f), argnums=(0, 1)))
+           for name, f in (("einsum", lambda a, b: jnp.einsum(spec, a, b)),
+                           ("project", lambda a, b: vit.project(a, b, spec)))}
+  (ref_value, ref_grads), (value, got) = grads["einsum"](x, kernel), grads["project"](x, kernel)
+  np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+  for g, r in zip(got, ref_grads):
+    np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-4)
+  def kernel_moves(text):  # transposes and copies of the kernel's size: it or its gradient
+    shapes = re.findall(r"= f32\[([\d,]+)\]\S* (?:transpose|copy)\(", text)
+    return sum(math.prod(map(int, s.split(","))) == kernel.size for s in shapes)
+  cpu = {name: f.lower(x, kernel).compile().as_text() for name, f in grads.items()}
+  assert kernel_moves(cpu["project"]) == 0 < kernel_moves(cpu["einsum"])
+  mesh = sharding.make_mesh({"data": -1}, aot.topology_devices(aot.parse_topology("v5e-4"), 1))
+  specs = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec())) for a in (x, kernel)]
+  tpu = {name: f.lower(*specs).compile().as_text() for name, f in grads.items()}
+  ops = lambda text: sorted(re.findall(r"= (\S+) (\w+)\(", text))
+  assert ops(tpu["project"]) == ops(tpu["einsum"])

@@ -1,7 +1,7 @@
 """avmae's train step against the same step in PyTorch, side by side, interleaved in one run.
 
     python experiments/benchmarks/vs_torch.py [--sizes=tiny,base] [--batch=tiny:32,base:4] \
-        [--scan_layers=False,True] [--dtype=float32|bfloat16] [--warmup=2] [--rounds=4] \
+        [--scan_layers=False,True] [--dtype=float32|bfloat16] [--warmup=1] [--rounds=4] \
         [--steps=2] [--threads=0] [--profile]
 
 The peer is avmae's PyTorch CAV-MAE (`avmae/export/torch_cav_mae.py`, whose forward equals the
@@ -18,9 +18,12 @@ are printed side by side: equal weights, masks and objective give equal losses.
 torch's step runs in a child process, so that each framework has a malloc heap of its own:
 in one process, one's frees left the other's largest buffers to be faulted in again (at base,
 batch 4: avmae's first step after torch's first took 770,000 minor page faults, 12.2 s
-against 6.9 s a step after, and later rounds still faulted now and then). `--warmup` rounds
-(one step each) run before the timing, and the table gives each side's minor page faults per
-timed step, so that a step still faulting shows.
+against 6.9 s a step after, and later rounds still faulted now and then). After step 0 (one
+step each, whose losses are compared), `--warmup` untimed rounds of `--steps` steps run before
+the timing: JAX dispatches steps asynchronously, so steps run back to back hold more host memory
+than one step alone, and the first such round faults its pages in (411,000 minor page faults a
+step at base, batch 4, after single-step warm-ups). The table gives each side's minor page
+faults per timed step, so that a step still faulting shows.
 
 `--profile`: after the timing, each step runs under its profiler (jax.profiler for avmae,
 torch.profiler for torch) and the top ops by time are printed, avmae's with the HLO shape and
@@ -64,8 +67,8 @@ _BATCH = flags.DEFINE_list("batch", ["tiny:32", "base:4", "demo:32"], "size:glob
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 _ROUNDS = flags.DEFINE_integer("rounds", 4, "Interleaved timed rounds (after --warmup).")
 _STEPS = flags.DEFINE_integer("steps", 2, "Steps per round and framework.")
-_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed interleaved rounds of one step each.",
-                               lower_bound=1)
+_WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed interleaved rounds of --steps steps "
+                               "each, after step 0.", lower_bound=0)
 _THREADS = flags.DEFINE_integer("threads", 0, "torch intra-op threads (0: os.cpu_count()).")
 _MATMUL = flags.DEFINE_integer("matmul", 2048, "Side of the square matmul for the peak.")
 _SCAN = flags.DEFINE_list("scan_layers", ["False", "True"],
@@ -275,14 +278,14 @@ def compare(size: str, batch_size: int, scan_layers: bool) -> dict:
   jax_step = JaxStep(config, batch)
   compile_s = time.perf_counter() - start
   method = jax_step.program.method
-  total = _WARMUP.value + _ROUNDS.value * _STEPS.value
+  total = 1 + (_WARMUP.value + _ROUNDS.value) * _STEPS.value
   state = cav_mae_layout.to_official(jax.tree.map(np.asarray, jax_step.params()), method.model)
   torch_step = TorchProcess(config, state, batch,
                             step_masks(config, method, batch_size, total), _DTYPE.value)
   del state
   first = (timed_steps(jax_step, 1)[2], torch_step.run(1)[2])  # the same step 0 on both
-  for _ in range(_WARMUP.value - 1):
-    timed_steps(jax_step, 1), torch_step.run(1)
+  for _ in range(_WARMUP.value):  # rounds as timed: back-to-back steps hold more memory
+    timed_steps(jax_step, _STEPS.value), torch_step.run(_STEPS.value)
   times, faults = {"avmae": [], "torch": []}, {"avmae": 0, "torch": 0}
   for _ in range(_ROUNDS.value):
     for name, run in (("avmae", lambda n: timed_steps(jax_step, n)), ("torch", torch_step.run)):
@@ -330,7 +333,7 @@ def main(argv) -> None:
           f"{rate['torch'] / 1e9:.0f} ({rate['torch'] / peak_torch:.0%}) | "
           f"{r['faults']['avmae']:.0f} / {r['faults']['torch']:.0f} |")
   print(f"\nmedian of {_ROUNDS.value} interleaved rounds of {_STEPS.value} steps after "
-        f"{_WARMUP.value} untimed; range per "
+        f"step 0 and {_WARMUP.value} untimed rounds; range per "
         "step (s): " + "; ".join(
             f"{r['size']} scan={r['scan']} avmae {r['spread']['avmae'][0]:.3f}-{r['spread']['avmae'][1]:.3f}, "
             f"torch {r['spread']['torch'][0]:.3f}-{r['spread']['torch'][1]:.3f}" for r in rows))
