@@ -1,5 +1,6 @@
 """vit.dot_product_attention: the CPU path (pre-scaled q, heads-major, its own backward pass)
-computes what jax.nn.dot_product_attention does, and other platforms get jax.nn's own."""
+computes what jax.nn.dot_product_attention does, and other platforms get jax.nn's own;
+vit.project: the attention projections as plain matmuls on a CPU, the einsum elsewhere."""
 
 import math
 import re
