@@ -203,7 +203,7 @@ def project(x: jax.Array, kernel: jax.Array, spec: str) -> jax.Array:
   first (e.g. "...thc,hcd->...td"). Lowered for a CPU it is `matmul_flat`, its output's axes
   then moved to spec's order: XLA:CPU keeps the kernel and its gradient in their own layout
   there, where for an einsum over the heads axes it transposed both each step and Adam read
-  the gradients transposed (CAV-MAE base, batch 4: 6.94 -> 6.65 s a step; docs/speed.md).
+  the gradients transposed (CAV-MAE base, batch 4: 6.62 -> 6.44 s a step; docs/speed.md).
   Elsewhere the einsum itself: GSPMD shards its named axes, and a reshape of a
   heads-sharded kernel would gather it."""
   inputs, out = spec.split("->")
