@@ -9,7 +9,9 @@
   detected fatal errors. This most likely indicates that another task died" and the dead
   task named. On TPUs a collective would otherwise wait for the dead peer forever; on CPUs
   gloo may fail it first ("Connection reset by peer"), and the exit's shutdown barrier then
-  ends with the same message.
+  ends with the same message. If the peer died while sending, gloo aborts the survivor from
+  its own thread with "Received data size doesn't match expected size. Is there a distributed
+  collective mismatch in your code?": there it means a peer died, not a mismatch.
 - `Preemption`: SIGTERM to any one process makes every process save the same step and stop.
 """
 

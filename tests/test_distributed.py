@@ -144,6 +144,9 @@ def test_sigterm_to_one_process_saves_the_same_step_on_every_process(synthetic_d
   _compare("preempted, resumed on 2 processes", _losses(workdir), reference[:last])
 
 
+GLOO_TRUNCATED = "Received data size doesn't match expected size"
+
+
 def test_a_killed_process_stops_the_other_with_a_clear_error(synthetic_dir, tmp_path):
   """SIGKILL to process 1 mid-run: process 0 must not wait for it forever; the coordination
   service misses process 1's heartbeats (config.distributed.heartbeat_timeout_seconds, 5 here)
@@ -159,12 +162,16 @@ def test_a_killed_process_stops_the_other_with_a_clear_error(synthetic_dir, tmp_
   out = open(logs[0]).read()
   print(f"SIGKILL to process 1: process 0 exited {procs[0].returncode} after {seconds:.1f} s")
   assert procs[0].returncode != 0 and seconds < 30
-  assert "This most likely indicates that another task died" in out, out[-3000:]
-  # Either the service's heartbeat check stops process 0 first, or gloo (the CPU collectives)
-  # fails the pending all-gather ("Connection reset by peer"), Python exits, and the shutdown
-  # barrier fails on the heartbeat timeout: the same message. TPU collectives do not fail
+  # Three ways process 0 learns of it, each seen here: the service's heartbeat check stops it
+  # first; or gloo (the CPU collectives) fails the pending all-gather ("Connection reset by
+  # peer"), Python exits, and the shutdown barrier fails on the heartbeat timeout: the same
+  # message; or, when the kill lands while process 1 is sending, gloo aborts process 0 from
+  # its own thread on the truncated message before Python can say anything (seen once, in a
+  # CI run; avmae/distributed.py says what that message means). TPU collectives do not fail
   # fast, so there the heartbeat is what ends the wait.
-  assert re.search(r"stopped sending heartbeats|Task 1 heartbeat timeout", out), out[-3000:]
+  if GLOO_TRUNCATED not in out:
+    assert "This most likely indicates that another task died" in out, out[-3000:]
+    assert re.search(r"stopped sending heartbeats|Task 1 heartbeat timeout", out), out[-3000:]
 
 
 def test_restore_onto_another_process_count_and_mesh(synthetic_dir, reference, tmp_path):
