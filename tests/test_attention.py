@@ -1,6 +1,7 @@
 """vit.dot_product_attention: the CPU path (pre-scaled q, heads-major, its own backward pass)
 computes what jax.nn.dot_product_attention does, and other platforms get jax.nn's own;
-vit.project: the attention projections as plain matmuls on a CPU, the einsum elsewhere."""
+vit.project: the attention projections as plain matmuls on a CPU, the einsum elsewhere;
+vit.dense: jnp.dot elsewhere, on a CPU with its kernel gradient where YNNPACK takes it."""
 
 import math
 import re
@@ -91,6 +92,15 @@ def test_the_gpu_branch_traces_and_falls_back_where_cudnn_cannot(monkeypatch):
       np.float32), atol=1e-2)
 
 
+def _tpu_ops(functions: dict, *args: jax.Array) -> dict[str, list]:
+  """Each jitted function's instructions, compiled for a compile-only v5e-4."""
+  mesh = sharding.make_mesh({"data": -1}, aot.topology_devices(aot.parse_topology("v5e-4"), 1))
+  specs = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec())) for a in args]
+  return {name: sorted(re.findall(r"= (\S+) (\w+)\(", f.lower(*specs).compile().as_text()))
+          for name, f in functions.items()}
+
+
 @pytest.mark.parametrize("spec, x_shape, kernel_shape", [
     ("...td,dkhc->k...thc", (4, 50, 96), (96, 3, 4, 24)),  # the fused qkv projection
     ("...thc,hcd->...td", (2, 4, 50, 4, 24), (4, 24, 96)),   # the output projection
@@ -115,9 +125,41 @@ def test_project_is_the_einsum_without_transposes_on_a_cpu(spec, x_shape, kernel
     return sum(math.prod(map(int, s.split(","))) == kernel.size for s in shapes)
   cpu = {name: f.lower(x, kernel).compile().as_text() for name, f in grads.items()}
   assert kernel_moves(cpu["project"]) == 0 < kernel_moves(cpu["einsum"])
-  mesh = sharding.make_mesh({"data": -1}, aot.topology_devices(aot.parse_topology("v5e-4"), 1))
-  specs = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=jax.sharding.NamedSharding(
-      mesh, jax.sharding.PartitionSpec())) for a in (x, kernel)]
-  tpu = {name: f.lower(*specs).compile().as_text() for name, f in grads.items()}
-  ops = lambda text: sorted(re.findall(r"= (\S+) (\w+)\(", text))
-  assert ops(tpu["project"]) == ops(tpu["einsum"])
+  tpu = _tpu_ops(grads, x, kernel)
+  assert tpu["project"] == tpu["einsum"]
+
+
+def _entry_dots(text: str) -> list[str]:
+  """The dots of a compiled program's entry computation: XLA:CPU's own (Eigen) dots; YNNPACK's
+  sit inside fusions."""
+  entry = text[text.index("\nENTRY"):]
+  entry = entry[:entry.index("\n}")]
+  return re.findall(r"^\s+(?:ROOT )?%\S+ = \S+ dot\(.*$", entry, re.M)
+
+
+@pytest.mark.parametrize("x_shape, kernel_shape", [
+    ((4, 50, 96), (96, 384)),   # fewer inputs than outputs (fc1, qkv): the YNNPACK form
+    ((4, 50, 96), (96, 96)),    # as many (the output projection): the YNNPACK form
+    ((4, 50, 384), (384, 96)),  # more (fc2): autodiff's form
+])
+def test_dense_is_jnp_dot_with_ynnpack_kernel_gradients_on_a_cpu(x_shape, kernel_shape):
+  """vit.dense equals jnp.dot, value and gradients. Compiled for this CPU, its kernel gradient
+  is a YNNPACK dot where the input has no more features than the output (jnp.dot's is XLA's
+  own dot), and as jnp.dot's otherwise; compiled for a TPU, it is jnp.dot's own program."""
+  rng = np.random.default_rng(0)
+  x, kernel = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in (x_shape, kernel_shape))
+  cotangent = jnp.asarray(rng.standard_normal((*x_shape[:-1], kernel_shape[1])), jnp.float32)
+  loss = lambda f: lambda a, b: jnp.vdot(f(a, b), cotangent)
+  grads = {name: jax.jit(jax.value_and_grad(loss(f), argnums=(0, 1)))
+           for name, f in (("dot", jnp.dot), ("dense", vit.dense))}
+  (ref_value, ref_grads), (value, got) = grads["dot"](x, kernel), grads["dense"](x, kernel)
+  np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+  for g, r in zip(got, ref_grads):
+    np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-4)
+  cpu = {name: _entry_dots(f.lower(x, kernel).compile().as_text()) for name, f in grads.items()}
+  kernel_grad = lambda dots: [d for d in dots if d.split(" = ")[1].startswith(
+      f"f32[{kernel_shape[0]},{kernel_shape[1]}]")]
+  assert len(kernel_grad(cpu["dot"])) == 1
+  assert len(kernel_grad(cpu["dense"])) == (x_shape[-1] > kernel_shape[1])
+  tpu = _tpu_ops(grads, x, kernel)
+  assert tpu["dense"] == tpu["dot"]
