@@ -207,7 +207,7 @@ def _matmul_backward(residuals: tuple, d_out: jax.Array) -> tuple[jax.Array, jax
   gradient a^T d_out contracts a's rows, so it runs as XLA's own (Eigen) dot, after a
   transposed copy of d_out. When a has no more columns than d_out, a^T is copied instead (the
   smaller copy; the barrier stops XLA from folding the transpose back into the dot) and the
-  dot is YNNPACK's: CAV-MAE base, batch 4, 6.40-6.44 -> 6.16 s a step (docs/speed.md).
+  dot is YNNPACK's: CAV-MAE base, batch 4, 6.36-6.44 -> 6.14-6.16 s a step (docs/speed.md).
   Otherwise autodiff's form is kept: copying the wider a measured slower."""
   a, b = residuals
   if a.shape[1] <= d_out.shape[1]:
